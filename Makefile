@@ -1,0 +1,35 @@
+# `make test` builds .venv from nothing, then runs ruff and pytest.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-slow lint demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, from the pinned CPU build, so nothing later pulls a CUDA build
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,train,export,dev]'
+	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check deploy_diff tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-slow: venv
+	$(VENV)/bin/pytest -q -m slow
+
+bench: venv
+	$(PY) benchmarks/scheduler_step.py
+
+demo: venv
+	$(VENV)/bin/deploy-diff demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,355 @@
+"""What every NumPy scheduler shares: config handling, the beta schedule, noising, thresholding.
+
+A scheduler's constructor keyword arguments *are* its config (as in diffusers): ``@register_to_config``
+records them, ``save_config(dir)`` writes them to ``scheduler_config.json`` and ``from_config`` reads
+them back, tolerating diffusers' extra keys (``_class_name``, ``_diffusers_version``, keys of other
+scheduler classes).
+
+Conventions: schedule arrays and per-step coefficients are float64; samples and model outputs keep their
+own dtype (coefficients are applied as Python floats, so a float32 sample stays float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..rng import randn_tensor
+from ..schedules import alphas_cumprod_from_betas, get_betas, rescale_zero_terminal_snr
+
+CONFIG_NAME = "scheduler_config.json"
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# Config keys that belong to some diffusers scheduler (or pipeline bookkeeping): a config of another class
+# carries them, so they are ignored silently; anything else warns.
+_KNOWN_FOREIGN_KEYS = {
+    "skip_prk_steps", "interpolation_type", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+    "flow_shift", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "invert_sigmas", "shift_terminal", "time_shift_type", "lambda_min_clipped",
+    "variance_type", "euler_at_final", "use_lu_lambdas", "sigma_min", "sigma_max", "sigma_data",
+    "predict_x0", "disable_corrector", "solver_p", "final_sigmas_type", "timestep_type",
+    "rescale_betas_zero_snr", "clip_sample", "clip_sample_range", "set_alpha_to_one", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "algorithm_type", "solver_type",
+    "lower_order_final", "use_karras_sigmas", "steps_offset", "timestep_spacing", "trained_betas",
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "rho",
+    "s_noise", "s_churn", "s_tmin", "s_tmax", "sde_type", "time_shift", "stochastic_sampling",
+}
+
+
+@dataclass
+class SchedulerOutput:
+    """Result of ``step``: ``prev_sample`` (x_{t-1}, the next sample of the loop) and, where the algorithm
+    defines one, ``pred_original_sample`` (the model's estimate of x_0)."""
+
+    prev_sample: np.ndarray
+    pred_original_sample: np.ndarray | None = None
+
+    def __iter__(self):  # allows ``prev, x0 = scheduler.step(...)``
+        yield self.prev_sample
+        yield self.pred_original_sample
+
+
+class SchedulerConfig(dict):
+    """The constructor kwargs of a scheduler (a plain dict), remembering which were left at their default.
+
+    diffusers keeps that list (``_use_default_values``) so that ``Other.from_config(s.config)`` takes
+    ``Other``'s own defaults for them; ``from_config`` does the same with ours.
+    """
+
+    def __init__(self, values: dict[str, Any], use_default_values: list[str] | None = None):
+        super().__init__(values)
+        self.use_default_values = list(use_default_values or [])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def register_to_config(init):
+    """Decorator for a scheduler's ``__init__``: records its keyword arguments as ``self.config``."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if args:
+            raise TypeError(f"{type(self).__name__} takes keyword arguments only")
+        unknown = set(kwargs) - set(signature.parameters)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}; "
+                            f"expected some of {sorted(p for p in signature.parameters if p != 'self')}")
+        bound = signature.bind(self, **kwargs)
+        bound.apply_defaults()
+        values = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
+        self._config = SchedulerConfig(values, [k for k in values if k not in kwargs])
+        init(self, **kwargs)
+
+    return wrapper
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read ``scheduler_config.json`` from a folder or a file path; clear errors for missing/bad JSON."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"no scheduler config at {p} (expected a folder holding {CONFIG_NAME} or a "
+                                "JSON file)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} must hold a JSON object; got {type(data).__name__}")
+    return data
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
+
+
+class BaseScheduler:
+    """Shared machinery. Subclasses define ``__init__`` (decorated with ``@register_to_config``),
+    ``set_timesteps`` and ``step``."""
+
+    order: ClassVar[int] = 1
+    #: beta schedules that diffusers' class of the same name accepts by name; others are saved as
+    #: ``trained_betas`` so diffusers reproduces them exactly
+    _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    _config: SchedulerConfig
+
+    # -- config ------------------------------------------------------------------------------------
+    @property
+    def config(self) -> SchedulerConfig:
+        """The constructor kwargs (a dict); ``type(s)(**s.config)`` rebuilds the scheduler."""
+        return self._config
+
+    @classmethod
+    def _init_parameters(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def extract_init_dict(cls, config: Any) -> dict[str, Any]:
+        """The kwargs of ``cls`` found in ``config`` (dict, path, or another scheduler's config)."""
+        if isinstance(config, (str, os.PathLike)):
+            config = read_config_file(config)
+        elif hasattr(config, "config") and not isinstance(config, dict):
+            config = config.config  # a scheduler instance (ours or diffusers')
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, a scheduler, or a path to {CONFIG_NAME}; "
+                            f"got {type(config).__name__}")
+        used_defaults = set(getattr(config, "use_default_values", None) or config.get("_use_default_values") or [])
+        params = cls._init_parameters()
+        init: dict[str, Any] = {}
+        unknown = []
+        for key, value in config.items():
+            if key.startswith("_") or key in used_defaults:
+                continue
+            if key in params:
+                init[key] = value
+            elif key not in _KNOWN_FOREIGN_KEYS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: config keys {sorted(unknown)} are not expected and will be ignored",
+                          UserWarning, stacklevel=3)
+        return init
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any):
+        """Build from a config dict, a scheduler, a folder holding ``scheduler_config.json``, or a JSON path.
+
+        As diffusers' ``from_config``: keys of other scheduler classes are ignored, unknown keys warn,
+        ``kwargs`` override the config. A config read from disk keeps every value it holds (so a DDPM
+        bundle's ``leading`` spacing carries over to DPM-Solver++); an in-memory config drops the values
+        that were only defaults of its own class.
+        """
+        init = cls.extract_init_dict(config)
+        init.update(kwargs)
+        return cls(**init)
+
+    def save_config(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``scheduler_config.json`` (atomically) into ``save_directory``; return its path.
+
+        The file loads in diffusers' class of the same name; a beta schedule diffusers does not know is
+        written as ``trained_betas`` (the un-rescaled betas) so diffusers reproduces it exactly.
+        """
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"save_config expects a folder; {out} is a file")
+        data: dict[str, Any] = {"_class_name": type(self).__name__}
+        data.update(self.diffusers_config())
+        path = out / CONFIG_NAME
+        _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        return path
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """The config as diffusers' class of the same name reads it (see ``save_config``)."""
+        data = dict(self.config)
+        schedule = data.get("beta_schedule")
+        if data.get("trained_betas") is None and schedule not in self._diffusers_beta_schedules:
+            data["trained_betas"] = self._raw_betas.tolist()
+        return data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(dict(self.config), default=str)})"
+
+    # -- schedule ----------------------------------------------------------------------------------
+    def _init_betas(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                    trained_betas, rescale_betas_zero_snr: bool = False) -> None:
+        """Set float64 ``betas``, ``alphas``, ``alphas_cumprod`` (and ``_raw_betas`` before rescaling)."""
+        self._raw_betas = get_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        self.betas = rescale_zero_terminal_snr(self._raw_betas) if rescale_betas_zero_snr else self._raw_betas
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        self.num_inference_steps: int | None = None
+
+    def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
+        T = self.config["num_train_timesteps"]
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise ValueError(f"num_inference_steps must be an int in [1, {T}]; got {num_inference_steps!r}")
+        if not 1 <= num_inference_steps <= T:
+            raise ValueError(f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps={T}]: "
+                             f"the model was trained on {T} timesteps")
+        return int(num_inference_steps)
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """int64[n] descending timesteps for ``timestep_spacing`` (diffusers' DDPM/DDIM rule)."""
+        T = self.config["num_train_timesteps"]
+        n = num_inference_steps
+        spacing = self.config["timestep_spacing"]
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        if spacing == "leading":
+            ratio = T // n
+            return (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + int(self.config["steps_offset"])
+        ratio = T / n  # trailing
+        return np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
+
+    def _validate_common(self) -> None:
+        c = self.config
+        check_choice("prediction_type", c["prediction_type"], PREDICTION_TYPES)
+        if "timestep_spacing" in c:
+            check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
+        if "steps_offset" in c and (not isinstance(c["steps_offset"], (int, np.integer)) or c["steps_offset"] < 0):
+            raise ValueError(f"steps_offset must be a non-negative int; got {c['steps_offset']!r}")
+        for key in ("dynamic_thresholding_ratio",):
+            if key in c and not 0 < c[key] <= 1:
+                raise ValueError(f"{key} must lie in (0, 1]; got {c[key]!r}")
+        for key in ("clip_sample_range", "sample_max_value"):
+            if key in c and not c[key] > 0:
+                raise ValueError(f"{key} must be > 0; got {c[key]!r}")
+
+    def __len__(self) -> int:
+        return int(self.config["num_train_timesteps"])
+
+    # -- helpers for steps ---------------------------------------------------------------------------
+    def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
+        """Dynamic thresholding (Imagen): clip each image to its ``dynamic_thresholding_ratio`` quantile
+        of |x| (at least 1, at most ``sample_max_value``) and divide by it."""
+        batch, channels, *rest = sample.shape
+        dtype = sample.dtype
+        flat = sample.reshape(batch, -1).astype(np.float64 if dtype == np.float64 else np.float32)
+        s = np.quantile(np.abs(flat), self.config["dynamic_thresholding_ratio"], axis=1)
+        s = np.clip(s, 1, self.config["sample_max_value"]).astype(flat.dtype)[:, None]
+        return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
+
+    def _clip_or_threshold(self, x0: np.ndarray) -> np.ndarray:
+        if self.config.get("thresholding"):
+            return self._threshold_sample(x0)
+        if self.config.get("clip_sample"):
+            r = float(self.config["clip_sample_range"])
+            return np.clip(x0, -r, r)
+        return x0
+
+    @staticmethod
+    def _noise(shape, generator, dtype) -> np.ndarray:
+        return randn_tensor(shape, generator=generator, dtype=dtype)
+
+    @staticmethod
+    def _check_step_inputs(model_output: np.ndarray, sample: np.ndarray) -> None:
+        if not isinstance(sample, np.ndarray) or not isinstance(model_output, np.ndarray):
+            raise TypeError("step() takes NumPy arrays for model_output and sample; got "
+                            f"{type(model_output).__name__} and {type(sample).__name__}")
+
+    # -- forward process (training uses these same arrays) -------------------------------------------
+    def _per_sample(self, values: np.ndarray, timesteps, ndim: int, dtype) -> np.ndarray:
+        t = np.asarray(timesteps)
+        if t.dtype.kind not in "iu":
+            if not np.all(np.equal(np.mod(t, 1), 0)):
+                raise ValueError("add_noise/get_velocity take integer timesteps in [0, num_train_timesteps)")
+            t = t.astype(np.int64)
+        T = len(values)
+        if t.size and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"timesteps must lie in [0, {T}); got min {t.min()}, max {t.max()}")
+        v = values[t.reshape(-1)].astype(dtype)
+        return v.reshape(v.shape + (1,) * (ndim - 1))
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise; timesteps int[B] (one per batch entry)."""
+        x0 = np.asarray(original_samples)
+        dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
+        a = self._per_sample(np.sqrt(self.alphas_cumprod), timesteps, x0.ndim, dtype)
+        s = self._per_sample(np.sqrt(1.0 - self.alphas_cumprod), timesteps, x0.ndim, dtype)
+        return a * x0 + s * np.asarray(noise, dtype=dtype)
+
+    def get_velocity(self, sample: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x_0 (the v-prediction target)."""
+        x0 = np.asarray(sample)
+        dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
+        a = self._per_sample(np.sqrt(self.alphas_cumprod), timesteps, x0.ndim, dtype)
+        s = self._per_sample(np.sqrt(1.0 - self.alphas_cumprod), timesteps, x0.ndim, dtype)
+        return a * np.asarray(noise, dtype=dtype) - s * x0
+
+
+# -- sigma-space helpers (Euler, Heun, DPM-Solver, UniPC) ---------------------------------------------
+def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """float64[T] sigma_t = sqrt((1 - abar_t) / abar_t) (the variance-exploding view of the schedule)."""
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep(s) of ``sigma`` by linear interpolation in log-sigma (diffusers' ``_sigma_to_t``)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)

@@ -1,0 +1,119 @@
+"""DDIM (Song et al. 2021): the non-Markovian sampler; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import BaseScheduler, SchedulerOutput, register_to_config
+
+
+class DDIMScheduler(BaseScheduler):
+    """diffusers' ``DDIMScheduler`` in NumPy (same constructor arguments and defaults).
+
+    Where this differs from diffusers, on purpose: the previous timestep is the *next entry of*
+    ``timesteps`` (then ``final_alpha_cumprod``), not ``t - T // n``. The two agree for ``leading`` spacing
+    and for ``trailing`` when n divides T; diffusers' rule is wrong for ``linspace`` and for ``trailing``
+    otherwise (diffusers #11347, #12633), and with ``leading``, ``steps_offset=1`` and 500 < n < 1000
+    diffusers' last step uses ``alphas_cumprod[0]`` (n = 1000 raises IndexError) where ours uses
+    ``final_alpha_cumprod``. With eta > 0 on a zero-terminal-SNR schedule the direction coefficient
+    ``1 - abar_prev - sigma^2`` (which rounds to -1e-16) is clamped at 0 instead of giving NaN.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
+                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
+        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         rescale_betas_zero_snr)
+        self._validate_common()
+        # abar used after the last step: 1 (a clean image) or abar_0
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.init_noise_sigma = 1.0
+        self.timesteps = np.arange(0, num_train_timesteps)[::-1].astype(np.int64)
+        self._prev_of: dict[int, int] = {}
+
+    def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
+        """DDIM needs no input scaling; returns ``sample`` unchanged."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose ``num_inference_steps`` timesteps spaced by ``timestep_spacing``."""
+        n = self._check_num_inference_steps(num_inference_steps)
+        ts = self._spaced_timesteps(n)
+        T = self.config["num_train_timesteps"]
+        if ts.max() >= T:
+            raise ValueError(f"steps_offset={self.config['steps_offset']} pushes timestep {ts.max()} past "
+                             f"num_train_timesteps={T}")
+        self.num_inference_steps = n
+        self.timesteps = ts
+        self._prev_of = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
+
+    def previous_timestep(self, timestep) -> int:
+        t = int(timestep)
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        if t not in self._prev_of:
+            raise ValueError(f"timestep {t} is not one of this scheduler's timesteps {list(self.timesteps)}")
+        return self._prev_of[t]
+
+    def _alpha_prods(self, t: int) -> tuple[float, float]:
+        prev_t = self.previous_timestep(t)
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        return float(self.alphas_cumprod[t]), a_prev
+
+    def _get_variance(self, timestep, prev_timestep=None) -> float:
+        """sigma_t^2 / eta^2 of eq. (16)."""
+        a_t, a_prev = self._alpha_prods(int(timestep))
+        return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise: np.ndarray | None = None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """One DDIM step x_t -> x_{t_prev} (eq. 12 of the paper).
+
+        Args:
+            model_output: float32[B, C, H, W]; sample: float32[B, C, H, W] (x_t).
+            eta: weight of the noise (0 deterministic DDIM, 1 DDPM-like); must be >= 0.
+            use_clipped_model_output: recompute epsilon from the clipped x_0.
+            generator / variance_noise: the source of the eta > 0 noise (not both).
+        """
+        self._check_step_inputs(model_output, sample)
+        if eta is None or not np.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
+        t = int(timestep)
+        a_t, a_prev = self._alpha_prods(t)
+        b_t = 1 - a_t
+
+        pt = self.config["prediction_type"]
+        if pt == "epsilon":
+            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            eps = model_output
+        elif pt == "sample":
+            x0 = model_output
+            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+        else:
+            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
+            eps = a_t**0.5 * model_output + b_t**0.5 * sample
+        x0 = self._clip_or_threshold(x0)
+
+        # eq. (16): sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+        std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5
+        if use_clipped_model_output:
+            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+        # eq. (12): "direction pointing to x_t"; clamp at 0 (zero-SNR with eta = 1 rounds to -1e-16)
+        direction = max(1 - a_prev - std_dev_t**2, 0.0) ** 0.5
+        prev = a_prev**0.5 * x0 + direction * eps
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise, not both")
+            if variance_noise is None:
+                variance_noise = self._noise(model_output.shape, generator, model_output.dtype)
+            elif variance_noise.shape != model_output.shape:
+                raise ValueError(f"variance_noise has shape {variance_noise.shape}; expected {model_output.shape}")
+            prev = prev + std_dev_t * variance_noise
+        if not return_dict:
+            return prev, x0
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
