@@ -289,13 +289,27 @@ class BaseScheduler:
         s = np.clip(s, 1, self.config["sample_max_value"]).astype(flat.dtype)[:, None]
         return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
 
-    def _clip_or_threshold(self, x0: np.ndarray) -> np.ndarray:
-        if self.config.get("thresholding"):
+    def _clip_or_threshold(self, x0: np.ndarray, inplace: bool = False) -> np.ndarray:
+        """Apply ``thresholding`` or ``clip_sample`` to a predicted x_0 (in place when ``inplace``)."""
+        c = self.config
+        if c.get("thresholding"):
             return self._threshold_sample(x0)
-        if self.config.get("clip_sample"):
-            r = float(self.config["clip_sample_range"])
-            return np.clip(x0, -r, r)
+        if c.get("clip_sample"):
+            r = float(c["clip_sample_range"])
+            out = x0 if inplace else None
+            # two in-place ufuncs are cheaper than np.clip's Python wrapper on the hot path
+            out = np.minimum(x0, r, out=out)
+            return np.maximum(out, -r, out=out)
         return x0
+
+    def _check_x0(self, x0: np.ndarray, t: int, a_t: float) -> None:
+        """At a zero-SNR timestep (alphas_cumprod = 0) epsilon prediction cannot give x_0: refuse clearly
+        where diffusers would return inf/NaN (it stays finite only when clipping catches the infinities)."""
+        if a_t == 0.0 and not np.isfinite(x0).all():
+            raise ValueError(
+                f"timestep {t} has alphas_cumprod = 0 (zero terminal SNR), where prediction_type="
+                f"{self.config['prediction_type']!r} cannot recover x_0; use prediction_type='v_prediction', "
+                "clip_sample=True, or a timestep_spacing that skips the last timestep ('leading')")
 
     @staticmethod
     def _noise(shape, generator, dtype) -> np.ndarray:

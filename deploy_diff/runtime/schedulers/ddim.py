@@ -86,26 +86,35 @@ class DDIMScheduler(BaseScheduler):
         t = int(timestep)
         a_t, a_prev = self._alpha_prods(t)
         b_t = 1 - a_t
+        sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
 
         pt = self.config["prediction_type"]
         if pt == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
             eps = model_output
+            if a_t > 0:
+                x0 = model_output * -sqrt_b
+                x0 += sample
+                x0 *= 1.0 / sqrt_a
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    x0 = (sample - sqrt_b * model_output) / sqrt_a
         elif pt == "sample":
             x0 = model_output
-            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+            eps = (sample - sqrt_a * x0) / sqrt_b
         else:
-            x0 = a_t**0.5 * sample - b_t**0.5 * model_output
-            eps = a_t**0.5 * model_output + b_t**0.5 * sample
-        x0 = self._clip_or_threshold(x0)
+            x0 = sqrt_a * sample - sqrt_b * model_output
+            eps = sqrt_a * model_output + sqrt_b * sample
+        x0 = self._clip_or_threshold(x0, inplace=x0 is not model_output)
+        self._check_x0(x0, t, a_t)
 
         # eq. (16): sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
-        std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5
+        std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5 if eta else 0.0
         if use_clipped_model_output:
-            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+            eps = (sample - sqrt_a * x0) / sqrt_b
         # eq. (12): "direction pointing to x_t"; clamp at 0 (zero-SNR with eta = 1 rounds to -1e-16)
         direction = max(1 - a_prev - std_dev_t**2, 0.0) ** 0.5
-        prev = a_prev**0.5 * x0 + direction * eps
+        prev = x0 * a_prev**0.5
+        prev += eps * direction
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
@@ -113,7 +122,7 @@ class DDIMScheduler(BaseScheduler):
                 variance_noise = self._noise(model_output.shape, generator, model_output.dtype)
             elif variance_noise.shape != model_output.shape:
                 raise ValueError(f"variance_noise has shape {variance_noise.shape}; expected {model_output.shape}")
-            prev = prev + std_dev_t * variance_noise
+            prev += std_dev_t * variance_noise
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)

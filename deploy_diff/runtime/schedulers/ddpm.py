@@ -16,6 +16,10 @@ class DDPMScheduler(BaseScheduler):
 
     ``step`` draws one noise array of the sample's shape per step (except at t = 0), in diffusers' order.
     The previous timestep is the next entry of ``timesteps`` (as diffusers does for DDPM).
+
+    Differs from diffusers where diffusers returns NaN: ``variance_type="fixed_large_log"`` (diffusers takes
+    the square root of log(beta_t) < 0) uses std = exp(0.5 * log(beta_t)), i.e. the same step as
+    ``fixed_large``.
     """
 
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = (
@@ -92,6 +96,8 @@ class DDPMScheduler(BaseScheduler):
         if vt == "fixed_large":
             return beta_t
         if vt == "fixed_large_log":
+            # diffusers returns log(beta_t) here and step() then takes its square root: NaN. The log
+            # variance means std = exp(0.5 * log(beta_t)); step() uses that (same as fixed_large).
             return float(np.log(beta_t))
         if vt == "learned":
             return predicted_variance
@@ -124,12 +130,14 @@ class DDPMScheduler(BaseScheduler):
         # eq. (15): predict x_0
         pt = self.config["prediction_type"]
         if pt == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
         elif pt == "sample":
             x0 = model_output
         else:
             x0 = a_t**0.5 * sample - b_t**0.5 * model_output
         x0 = self._clip_or_threshold(x0)
+        self._check_x0(x0, t, a_t)
 
         # eq. (7): posterior mean coefficients of x_0 and x_t
         prev = (a_prev**0.5 * cur_beta / b_t) * x0 + (cur_alpha**0.5 * b_prev / b_t) * sample
@@ -140,6 +148,8 @@ class DDPMScheduler(BaseScheduler):
                 prev = prev + variance * noise
             elif self.variance_type == "learned_range":
                 prev = prev + (np.exp(0.5 * variance) * noise).astype(sample.dtype, copy=False)
+            elif self.variance_type == "fixed_large_log":
+                prev = prev + float(np.exp(0.5 * variance)) * noise
             elif self.variance_type == "learned":
                 prev = prev + (np.sqrt(variance) * noise).astype(sample.dtype, copy=False)
             else:
