@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow lint demo bench clean
+.PHONY: venv test test-slow lint bench clean
 
 venv: $(STAMP)
 
@@ -27,9 +27,6 @@ test-slow: venv
 
 bench: venv
 	$(PY) benchmarks/scheduler_step.py
-
-demo: venv
-	$(VENV)/bin/deploy-diff demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
