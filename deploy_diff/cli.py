@@ -79,6 +79,81 @@ def _cmd_timesteps(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_EXAMPLES = """examples:
+  deploy-diff train --data digits --out runs/digits                      # the default: unconditional 8x8 digits
+  deploy-diff train --data digits --num-classes 10 --out runs/digits-cond  # conditional, for guidance
+  deploy-diff train --data ./faces --sample-size 32 --channels 3 --steps 20000 --out runs/faces
+  deploy-diff train --out runs/digits --steps 6000 --resume              # continue up to 6000 steps in total
+  torchrun --nproc_per_node 2 -m deploy_diff.cli train --data digits --out runs/ddp
+"""
+
+# CLI flag -> (config section, key, type)
+_MODEL_FLAGS = {"sample_size": int, "channels": int, "base_channels": int, "channel_mult": "ints",
+                "layers_per_block": int, "attention_resolutions": "ints", "num_heads": int, "dropout": float,
+                "num_classes": int, "gradient_checkpointing": bool}
+_TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "warmup_steps": int, "weight_decay": float,
+                "ema_decay": float, "max_grad_norm": float, "mixed_precision": str, "loss_type": str,
+                "prediction_type": str, "num_train_timesteps": int, "beta_schedule": str, "beta_start": float,
+                "beta_end": float, "rescale_betas_zero_snr": bool, "label_dropout": float, "hflip": bool, "seed": int,
+                "log_every": int, "save_every": int, "sample_every": int, "keep_last": int, "device": str}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 1,2,2; got {text!r}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig, read_json_config
+    from .train.trainer import train
+    from .train.unet import UNetConfig
+
+    file_cfg = read_json_config(args.config) if args.config else {}
+    model_cfg = dict(file_cfg.get("model", {}))
+    train_cfg = dict(file_cfg.get("train", {}))
+    for key, value in file_cfg.items():  # a flat file: sort its keys into the two sections
+        if key in ("model", "train"):
+            continue
+        if key in UNetConfig.__dataclass_fields__:
+            model_cfg[key] = value
+        elif key in TrainConfig.__dataclass_fields__:
+            train_cfg[key] = value
+        else:
+            raise ValueError(f"--config {args.config}: unknown key {key!r}")
+    model_given = bool(model_cfg)
+    for flag in _MODEL_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            model_given = True
+            if flag == "channels":
+                model_cfg["in_channels"] = model_cfg["out_channels"] = value
+            else:
+                model_cfg[flag] = value
+    for flag in _TRAIN_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            train_cfg[flag] = value
+    if args.data is not None:
+        train_cfg["data"] = args.data
+    data = train_cfg.get("data", "digits")
+    if data != "digits" and not args.resume and not str(data).endswith((".npy", ".npz")):
+        # a folder of images: RGB at 32 px unless told otherwise
+        model_cfg.setdefault("in_channels", 3)
+        model_cfg.setdefault("out_channels", model_cfg["in_channels"])
+        model_cfg.setdefault("sample_size", 32)
+    if args.resume:
+        from .train.checkpoint import find_checkpoint
+
+        saved = find_checkpoint(args.out).train_config.to_dict()
+        train_cfg = {**saved, **train_cfg}  # the run's own settings unless overridden
+    tc = TrainConfig.from_dict(train_cfg)
+    mc = UNetConfig.from_dict(model_cfg) if (not args.resume or model_given) else None
+    result = train(mc, tc, args.out, resume=args.resume, progress=not args.no_progress)
+    return 130 if result["interrupted"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -96,6 +171,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescale-betas-zero-snr", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_schedules)
+
+    p = sub.add_parser("train", help="train a UNet denoiser (torch)", epilog=_TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="'digits' (built in, the default), a folder of images, or a .npy/.npz file")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, loss.png, samples/)")
+    p.add_argument("--config", help="JSON file: {\"model\": {...}, \"train\": {...}} or one flat object")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out up to --steps in total")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("model (defaults: the digits model)")
+    g.add_argument("--sample-size", type=int)
+    g.add_argument("--channels", type=int, help="1 (grayscale) or 3 (RGB)")
+    g.add_argument("--base-channels", type=int)
+    g.add_argument("--channel-mult", type=_ints, help="e.g. 1,2,2")
+    g.add_argument("--layers-per-block", type=int)
+    g.add_argument("--attention-resolutions", type=_ints, help="feature-map sizes with self-attention, e.g. 8,4")
+    g.add_argument("--num-heads", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--num-classes", type=int, help="0 = unconditional; N > 0 adds a null label for guidance")
+    g.add_argument("--gradient-checkpointing", action="store_const", const=True)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, help="total optimizer steps of the run")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--max-grad-norm", type=float, help="0 disables clipping")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    g.add_argument("--loss-type", choices=["l2", "l1", "huber"])
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"])
+    g.add_argument("--num-train-timesteps", type=int)
+    g.add_argument("--beta-schedule", help="linear, scaled_linear, squaredcos_cap_v2, sigmoid, cosine, quadratic, "
+                                           "iddpm_linear, karras (see `deploy-diff schedules`)")
+    g.add_argument("--beta-start", type=float)
+    g.add_argument("--beta-end", type=float)
+    g.add_argument("--rescale-betas-zero-snr", action="store_const", const=True)
+    g.add_argument("--label-dropout", type=float, help="probability of the null label (conditional models)")
+    g.add_argument("--hflip", action="store_const", const=True, help="random horizontal flips")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--save-every", type=int)
+    g.add_argument("--sample-every", type=int, help="sample grid PNG interval (0 disables)")
+    g.add_argument("--keep-last", type=int, help="older checkpoints kept under checkpoints/")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("timesteps", help="print the timesteps and sigmas a scheduler would use")
     p.add_argument("config", nargs="?", help="scheduler_config.json or a folder holding one (default: diffusers' "
