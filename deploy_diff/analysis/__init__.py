@@ -1,0 +1,1 @@
+"""Optional analysis: quality metrics and benchmarks (may import torch; never imported by the runtime)."""
