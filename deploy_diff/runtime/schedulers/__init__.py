@@ -8,14 +8,18 @@ from typing import Any
 from .base import BaseScheduler, SchedulerConfig, SchedulerOutput, read_config_file
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpmsolver import DPMSolverMultistepScheduler
+from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "SCHEDULER_CLASSES",
     "BaseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "SchedulerConfig",
     "SchedulerOutput",
+    "UniPCMultistepScheduler",
     "SCHEDULER_NAMES",
     "load_scheduler",
     "scheduler_from_name",
@@ -23,7 +27,7 @@ __all__ = [
 
 #: diffusers class name -> our class
 SCHEDULER_CLASSES: dict[str, type[BaseScheduler]] = {
-    cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)
+    cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)
 }
 
 

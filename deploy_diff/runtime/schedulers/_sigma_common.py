@@ -91,7 +91,7 @@ def _betacf(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
         d = 1.0 / d
         delta = d * c
         h = h * delta
-        if np.all(np.abs(delta - 1.0) < 1e-16):
+        if np.all(np.abs(delta - 1.0) < 1e-15):
             break
     return h
 
@@ -250,14 +250,14 @@ class SigmaSchedulerMixin:
         else:
             self._step_index = self._begin_index
 
-    def _current_index(self, timestep: Any, needs_next: bool = True) -> int:
+    def _current_index(self, timestep: Any) -> int:
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
         assert i is not None
-        if needs_next and i + 1 >= len(self._sigma_list):
-            raise ValueError(f"step() was called {i} times, past the last of the {len(self.timesteps)} "
-                             "timesteps; call set_timesteps() again to start a new loop")
+        if i >= len(self.timesteps):
+            raise ValueError(f"step {i} is past the last of the {len(self.timesteps)} timesteps; call "
+                             "set_timesteps() again to start a new loop")
         return i
 
     def _warn_if_not_scaled(self) -> None:
@@ -271,13 +271,7 @@ class SigmaSchedulerMixin:
 
         Call it once per step, before ``step``; like diffusers, the first call fixes the step index.
         """
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        assert i is not None
-        if i >= len(self._input_scale):
-            raise ValueError(f"scale_model_input() at step {i} is past the end of the schedule; "
-                             "call set_timesteps() again to start a new loop")
+        i = self._current_index(timestep)
         self.is_scale_input_called = True
         return sample / self._input_scale[i]
 
@@ -313,8 +307,8 @@ class SigmaSchedulerMixin:
         cfg_min, cfg_max = c.get("sigma_min"), c.get("sigma_max")
         sigma_min = float(cfg_min) if cfg_min is not None else float(in_sigmas[-1])
         sigma_max = float(cfg_max) if cfg_max is not None else float(in_sigmas[0])
-        if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
-            raise ValueError(f"{kind} needs 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, "
+        if not 0 < sigma_min <= sigma_max or not math.isfinite(sigma_max):
+            raise ValueError(f"{kind} needs 0 < sigma_min <= sigma_max; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max} (from the config or the schedule's ends)")
         if kind == "use_karras_sigmas":
             return karras_sigma_list(sigma_min, sigma_max, n)

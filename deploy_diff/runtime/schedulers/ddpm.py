@@ -35,8 +35,9 @@ class DDPMScheduler(BaseScheduler):
         self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                          rescale_betas_zero_snr)
         self._validate_common()
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        self.variance_type = variance_type
+        # None (what DPM-Solver writes into a shared config) behaves as fixed_small, as in diffusers
+        check_choice("variance_type", variance_type, VARIANCE_TYPES + (None,))
+        self.variance_type = variance_type or "fixed_small"
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.timesteps = np.arange(0, num_train_timesteps)[::-1].astype(np.int64)

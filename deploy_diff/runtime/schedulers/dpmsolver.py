@@ -1,0 +1,610 @@
+"""DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022, arXiv 2206.00927 and 2211.01095), ODE and SDE variants."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from ..schedules import karras_sigmas
+from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config, sigma_to_t
+
+ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+SOLVER_TYPES = ("midpoint", "heun")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+# diffusers only acts on "learned" / "learned_range" (a 2C-channel output); DDPM's fixed types (a DDPM bundle's
+# config switched to DPM-Solver) mean a plain C-channel output, as None
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+LEARNED_VARIANCE = ("learned", "learned_range")
+# values other diffusers multistep schedulers write into a shared config; diffusers maps them the same way
+_ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
+_SOLVER_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+
+
+# -- phi functions of the exponential integrators, stable at h -> 0 ------------------------------------------
+def _f1(x: float) -> float:
+    """expm1(x) / x - 1 (-> 0 as x -> 0)."""
+    if abs(x) < 1e-3:
+        return x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x / 120)))
+    return math.expm1(x) / x - 1.0
+
+
+def _f2(x: float) -> float:
+    """(expm1(x) - x) / x^2 - 1/2 (-> 0 as x -> 0)."""
+    if abs(x) < 1e-3:
+        return x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720)))
+    return (math.expm1(x) - x) / (x * x) - 0.5
+
+
+def diffusers_float32_alphas_cumprod(raw_betas: np.ndarray, rescale_betas_zero_snr: bool) -> np.ndarray:
+    """float32[T] alphas_cumprod as diffusers' DPM-Solver holds it (for *discrete* choices only).
+
+    diffusers casts the betas to float32, rescales them (zero terminal SNR) with float32 ops, and takes
+    ``torch.cumprod`` of the float32 alphas, which accumulates in double and rounds each entry to float32;
+    with zero terminal SNR the last entry is then clamped to 2**-24. This replica is used where diffusers'
+    float32 rounding decides an integer: the timesteps of Karras / Lu / exponential / beta sigmas and the
+    ``lambda_min_clipped`` cut. (The betas of ``linear``/``scaled_linear`` come from ``torch.linspace`` in
+    float32 and may differ from ours by an ulp; that has not changed a timestep in our sweeps.)
+    """
+    f32 = np.float32
+    betas = np.asarray(raw_betas, dtype=np.float64).astype(f32)
+    if rescale_betas_zero_snr:  # diffusers' rescale_zero_terminal_snr, op for op in float32
+        s = np.sqrt(np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32))
+        s0, sT = s[0], s[-1]
+        s = (s - sT) * (s0 / (s0 - sT))
+        ab = s * s
+        betas = f32(1) - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    ac = np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32)
+    if rescale_betas_zero_snr:
+        ac[-1] = f32(2.0**-24)
+    return ac
+
+
+class DPMSolverMultistepScheduler(BaseScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` in NumPy (same constructor arguments and defaults).
+
+    ``algorithm_type`` ``"dpmsolver++"`` (default) / ``"sde-dpmsolver++"`` solve with the data prediction
+    x_0, ``"dpmsolver"`` / ``"sde-dpmsolver"`` with the noise prediction (both deprecated in diffusers); the
+    SDE variants draw one noise array of the sample's shape (float32) at *every* step, in diffusers' order.
+    Multistep state (previous model outputs, lower-order counter, step index) is reset by
+    ``set_timesteps``; ``step`` follows diffusers' step-index rule (the first call looks its timestep up,
+    later calls advance), so repeated Karras timesteps are fine.
+
+    Numerics: sigmas, alphas and lambdas are float64 from the float64 schedule; every step's coefficients
+    are Python floats (the phi-functions through ``expm1`` and series, exact in the limit h -> 0), so a
+    float32 sample stays float32. The *timesteps* of ``use_karras_sigmas`` / ``use_lu_lambdas`` /
+    ``use_exponential_sigmas`` / ``use_beta_sigmas`` and the ``lambda_min_clipped`` cut are integers that
+    diffusers decides through its float32 arrays: they are computed through a float32 replica of diffusers'
+    ``alphas_cumprod`` (see :func:`diffusers_float32_alphas_cumprod`). That makes them equal to diffusers'
+    for 97-100% of n (n = 1 .. 1000 on linear / scaled_linear / squaredcos_cap_v2, with and without zero
+    terminal SNR: all of them for squaredcos_cap_v2, 98.5% for scaled_linear with zero terminal SNR); the
+    rest differ by one unit at one timestep, from torch's float32 ``linspace`` / ``sqrt`` rounding, which
+    NumPy cannot replay. Through float64 arrays 11-100% of n would be one unit off.
+    The sigma *values* stay float64 (diffusers': float32, so agreement is ~1e-5 relative, ~1e-3 where
+    sigma_max > 1e3).
+
+    Where this differs from diffusers, on purpose:
+
+    * Repeated noise levels. ``final_sigmas_type="sigma_min"`` after Karras / Lu / exponential / beta
+      sigmas repeats the last sigma (h = 0 at the last step), and ``trailing``'s occasional extra timestep
+      -1 (e.g. n = 61, kept as diffusers keeps it) has the sigma of t = 0, a repeat where 0 is in the list
+      too (e.g. n = 769). A step with h = 0 returns the
+      sample unchanged (the exact limit, which diffusers' midpoint update also gives), and a multistep
+      update whose previous output sits at the same noise level drops to the order that does not use it.
+      diffusers returns NaN there with ``solver_type="heun"`` or third order (or the step after, at second
+      order) when the step is not lowered (n >= 15, ``euler_at_final=False``).
+    * Spacings that repeat *timesteps* (``linspace``/``leading`` with n >= the last usable timestep, e.g.
+      n = T; diffusers: NaN or IndexError), timesteps outside [0, T) (``leading`` with ``steps_offset`` at
+      n = T - 1, where diffusers feeds t = T to the model, or a ``lambda_min_clipped`` that cuts
+      everything), or a step from sigma = 0 raise ValueError in ``set_timesteps``.
+    * A repeated *first* timestep (non-rounded Karras / exponential / beta timesteps where sigma_max >> 1,
+      e.g. squaredcos_cap_v2 with zero terminal SNR) starts the loop at index 0; diffusers' lookup takes
+      the second occurrence, skips the first sigma and raises IndexError at the last step.
+    * ``sde-dpmsolver`` with ``solver_order=3`` raises ValueError at construction (diffusers has no
+      third-order SDE-DPM-Solver update and fails with UnboundLocalError at the third step).
+    * ``algorithm_type="deis"`` (a DEIS config) is mapped to ``dpmsolver++`` *before* the
+      ``final_sigmas_type`` check, so it works with the default ``"zero"`` (diffusers raises).
+    * Learned variance (``variance_type`` set, model output of 2C channels): the first C channels are the
+      prediction (diffusers takes ``[:, :3]``, right only for 3 channels, and crashes for ``sample`` /
+      ``v_prediction``). ``solver_order`` and ``variance_type`` are validated (diffusers does not); DDPM's
+      fixed variance types are accepted (a DDPM bundle's config) and mean a plain C-channel output.
+    * ``step`` / ``add_noise`` with a timestep that is not in ``timesteps`` raise ValueError (diffusers
+      silently uses the last step). ``add_noise`` before ``set_timesteps`` uses the training schedule
+      (diffusers pairs timestep t with the sigma of T - 1 - t there).
+    * Custom ``timesteps`` must be strictly descending integers in [0, T) (diffusers takes any list).
+    * ``step`` also returns ``pred_original_sample`` (x_0; diffusers returns none); with
+      ``return_dict=False`` it returns ``(prev_sample,)`` as diffusers. float16 inputs are computed in
+      float32 (diffusers keeps the converted model outputs in float16).
+    * Flow matching (``use_flow_sigmas``, ``prediction_type="flow_prediction"``, dynamic shifting with
+      ``mu``) is not supported by this runtime: ValueError.
+    """
+
+    order: ClassVar[int] = 1
+    _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint", lower_order_final: bool = True,
+                 euler_at_final: bool = False, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, use_lu_lambdas: bool = False, use_flow_sigmas: bool = False,
+                 flow_shift: float = 1.0, final_sigmas_type: str = "zero", lambda_min_clipped: float = -float("inf"),
+                 variance_type: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):
+        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         rescale_betas_zero_snr)
+        if prediction_type == "flow_prediction" or use_flow_sigmas:
+            raise ValueError("flow matching (use_flow_sigmas=True / prediction_type='flow_prediction') is not "
+                             "supported by deploy-diff's DPMSolverMultistepScheduler; the runtime serves "
+                             "epsilon / v_prediction / sample UNets")
+        self._validate_common()
+        # the same aliases diffusers maps (configs of DEIS / UniPC), recorded as the canonical value
+        if algorithm_type in _ALGORITHM_ALIASES:
+            algorithm_type = self._config["algorithm_type"] = _ALGORITHM_ALIASES[algorithm_type]
+        if solver_type in _SOLVER_ALIASES:
+            solver_type = self._config["solver_type"] = _SOLVER_ALIASES[solver_type]
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order={solver_order!r} is not supported; expected one of [1, 2, 3]")
+        if algorithm_type in ("dpmsolver", "sde-dpmsolver") and final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type='zero' is not supported for algorithm_type={algorithm_type!r} "
+                             "(its noise-prediction update divides by the final sigma); use "
+                             "final_sigmas_type='sigma_min'")
+        if algorithm_type == "sde-dpmsolver" and solver_order == 3:
+            raise ValueError("solver_order=3 is not available for algorithm_type='sde-dpmsolver' (there is no "
+                             "third-order SDE-DPM-Solver update; diffusers fails at the third step); use "
+                             "solver_order 1 or 2, or algorithm_type='sde-dpmsolver++'")
+        flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self.config[k]]
+        if len(flags) > 1:
+            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be "
+                             f"set; got {flags}")
+        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, (int, float)) \
+                or math.isnan(lambda_min_clipped):
+            raise ValueError(f"lambda_min_clipped must be a number (-inf for no clipping); got {lambda_min_clipped!r}")
+
+        if rescale_betas_zero_snr:
+            # as diffusers: close to 0 without being 0, so that the first sigma is finite (4096)
+            self.alphas_cumprod = self.alphas_cumprod.copy()
+            self.alphas_cumprod[-1] = 2.0**-24
+        ac = self.alphas_cumprod
+        self.alpha_t = np.sqrt(ac)
+        self.sigma_t = np.sqrt(1.0 - ac)
+        self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
+        self._train_sigmas = np.sqrt((1.0 - ac) / ac)  # float64[T], ascending in t
+        self._ac32: np.ndarray | None = None
+        self._beta_cache: tuple[int, np.ndarray] | None = None
+
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        self.sigmas = self._train_sigmas.copy()
+        self._reset_state()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.model_outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
+        self.lower_order_nums = 0
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current timestep; None until the first ``step``. Advances by one per step."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` instead of looking the first timestep up (diffusers' API)."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int; got {begin_index!r}")
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: np.ndarray | None = None) -> int:
+        """Position of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``); where it occurs
+        more than once the second occurrence is taken (diffusers' rule for starting mid-schedule)."""
+        schedule = self.timesteps if schedule_timesteps is None else np.asarray(schedule_timesteps)
+        t = np.asarray(timestep)
+        if t.size != 1:
+            raise ValueError(f"timestep must be a single value; got shape {t.shape}")
+        found = np.flatnonzero(schedule == t.reshape(()))
+        if found.size == 0:
+            shown = schedule.tolist() if schedule.size <= 20 else f"({schedule.size} values)"
+            raise ValueError(f"timestep {t.reshape(()).item()!r} is not one of this scheduler's timesteps {shown}")
+        return int(found[1] if found.size > 1 else found[0])
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is not None:
+            self._step_index = self._begin_index
+        elif self.timesteps.size > 1 and self.timesteps[1] == self.timesteps[0] and np.asarray(timestep).size == 1 \
+                and np.asarray(timestep).reshape(()) == self.timesteps[0]:
+            # a repeated *first* timestep (non-rounded Karras / exponential / beta timesteps of a schedule
+            # with sigma_max >> 1 pile up at the top): start at the beginning; diffusers' second-occurrence
+            # rule would skip the first sigma and fail with IndexError at the last step
+            self._step_index = 0
+        else:
+            self._step_index = self.index_for_timestep(timestep)
+
+    def scale_model_input(self, sample: np.ndarray, *args, **kwargs) -> np.ndarray:
+        """DPM-Solver needs no input scaling; returns ``sample`` unchanged."""
+        return sample
+
+    # -- schedule --------------------------------------------------------------------------------------------
+    def _float32_replica(self) -> np.ndarray:
+        if self._ac32 is None:
+            self._ac32 = diffusers_float32_alphas_cumprod(self._raw_betas, self.config["rescale_betas_zero_snr"])
+        return self._ac32
+
+    def _sigma_list(self, sigmas_asc: np.ndarray, n: int) -> np.ndarray | None:
+        """float64[n] descending Karras / Lu / exponential / beta sigmas spanning ``sigmas_asc`` (the
+        training sigmas, ascending in t), or None when none is configured (diffusers' precedence)."""
+        c = self.config
+        sigma_min, sigma_max = float(sigmas_asc[0]), float(sigmas_asc[-1])
+        if c["use_karras_sigmas"]:  # Karras et al. (2022) eq. (5), rho = 7
+            return karras_sigmas(sigma_min, sigma_max, n, 7.0)
+        if c["use_lu_lambdas"]:  # uniform in log sigma = -lambda (Lu et al. 2022)
+            log_sigmas = np.log(sigmas_asc)
+            lam_min, lam_max = float(log_sigmas[0]), float(log_sigmas[-1])
+            return np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
+        if c["use_exponential_sigmas"]:
+            return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+        if c["use_beta_sigmas"]:  # "Beta Sampling is All You Need" (arXiv 2407.12173), alpha = beta = 0.6
+            return sigma_min + self._beta_ppf(n) * (sigma_max - sigma_min)
+        return None
+
+    def _beta_ppf(self, n: int) -> np.ndarray:
+        """Beta(0.6, 0.6) quantiles at 1 - linspace(0, 1, n) (scipy's ``beta.ppf`` in NumPy), cached per n."""
+        if self._beta_cache is None or self._beta_cache[0] != n:
+            from ._sigma_common import beta_ppf  # the NumPy inverse incomplete beta shared with Euler/Heun
+
+            self._beta_cache = (n, beta_ppf(1 - np.linspace(0, 1, n), 0.6, 0.6))
+        return self._beta_cache[1]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None) -> None:
+        """Choose the inference timesteps and their sigmas, and reset the multistep state.
+
+        ``num_inference_steps`` spaced by ``timestep_spacing`` (after the ``lambda_min_clipped`` cut) or
+        replaced by Karras / Lu / exponential / beta sigmas; or explicit descending integer ``timesteps``.
+        Sets ``timesteps`` (int64[n]) and ``sigmas`` (float64[n + 1], the last one the sigma after the final
+        step: 0 or sigma at t = 0 per ``final_sigmas_type``).
+        """
+        c = self.config
+        T = c["num_train_timesteps"]
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        custom_sigmas = [k for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
+                                     "use_beta_sigmas") if c[k]]
+        if timesteps is not None:
+            if custom_sigmas:
+                raise ValueError(f"custom timesteps cannot be combined with {custom_sigmas[0]}=True")
+            ts = np.asarray(timesteps)
+            if ts.ndim != 1 or ts.size == 0 or ts.dtype.kind not in "iuf" or np.any(ts != np.round(ts)):
+                raise ValueError(f"timesteps must be a non-empty 1-D list of integers; got {timesteps!r}")
+            ts = ts.astype(np.int64)
+            if np.any(np.diff(ts) >= 0) or ts[0] >= T or ts[-1] < 0:
+                raise ValueError(f"timesteps must be strictly descending integers in [0, {T}); got {ts.tolist()}")
+            sigmas = self._train_sigmas[ts]
+        else:
+            n = self._check_num_inference_steps(num_inference_steps)
+            if custom_sigmas:  # the spacing (and lambda_min_clipped) play no part here, as in diffusers
+                # the timesteps through diffusers' float32 arrays (equal to its own), the values in float64
+                ac32 = self._float32_replica()
+                sig32 = ((np.float32(1) - ac32) / ac32) ** np.float32(0.5)
+                log32 = np.log(sig32)
+                t_frac = sigma_to_t(self._sigma_list(sig32, n), log32)
+                rounded = c["use_karras_sigmas"] or c["use_lu_lambdas"]
+                if rounded and c["beta_schedule"] != "squaredcos_cap_v2":
+                    t_frac = t_frac.round()
+                ts = t_frac.astype(np.int64)  # truncation, as torch's .to(int64)
+                sigmas = self._sigma_list(self._train_sigmas, n)
+                # the ends are sigma_max / sigma_min exactly (float64 pow/log round-trips are an ulp off;
+                # diffusers' float32 cast lands on them, so a final sigma_min repeats the last one exactly)
+                sigmas[0] = self._train_sigmas[-1]
+                if n > 1:
+                    sigmas[-1] = self._train_sigmas[0]
+            else:
+                ts = self._spaced_timesteps_dpm(n)
+                # np.interp as diffusers: trailing's occasional extra timestep -1 gets sigma at t = 0
+                sigmas = np.interp(ts, np.arange(T), self._train_sigmas)
+        if c["final_sigmas_type"] == "sigma_min":
+            sigma_last = float(self._train_sigmas[0])
+            if sigma_last == 0:
+                raise ValueError("final_sigmas_type='sigma_min' but sigma at t = 0 is 0 (alphas_cumprod[0] == 1); "
+                                 "use final_sigmas_type='zero' with a dpmsolver++ algorithm_type")
+        else:
+            sigma_last = 0.0
+        if np.any(sigmas <= 0) or not np.all(np.isfinite(sigmas)):
+            raise ValueError("the schedule has a zero or non-finite noise level at timesteps "
+                             f"{ts[(sigmas <= 0) | ~np.isfinite(sigmas)].tolist()}; DPM-Solver cannot step from it")
+        if timesteps is None and not custom_sigmas and len(np.unique(ts)) < len(ts):
+            raise ValueError(f"num_inference_steps={len(ts)} with timestep_spacing={c['timestep_spacing']!r} gives "
+                             f"repeated timesteps (only {len(np.unique(ts))} distinct of {len(ts)}, e.g. "
+                             f"{ts[-5:].tolist()}); diffusers returns NaN or fails here: use fewer steps")
+        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float64)
+        self.timesteps = ts
+        self.num_inference_steps = len(ts)
+        # per-step float64 scalars: alpha, sigma (VP view) and lambda = log(alpha / sigma) = -log(sigma_VE)
+        s = self.sigmas
+        alpha = 1.0 / np.sqrt(1.0 + s * s)
+        self._alpha = alpha.tolist()
+        self._sigma = (s * alpha).tolist()
+        with np.errstate(divide="ignore"):
+            self._lambda = (-np.log(s)).tolist()  # +inf for a final sigma of 0
+        self._reset_state()
+
+    def _spaced_timesteps_dpm(self, n: int) -> np.ndarray:
+        """int64 descending timesteps: diffusers' DPM-Solver rule (n + 1 points, the 0 dropped), after the
+        ``lambda_min_clipped`` cut."""
+        c = self.config
+        T = c["num_train_timesteps"]
+        lam_min = float(c["lambda_min_clipped"])
+        if lam_min == -math.inf:
+            last = T
+        else:  # diffusers searches its float32 lambda_t; the replica decides the same index
+            ac32 = self._float32_replica()
+            lam32 = np.log(np.sqrt(ac32)) - np.log(np.sqrt(np.float32(1) - ac32))
+            last = T - int(np.searchsorted(lam32[::-1].astype(np.float64), lam_min))
+        spacing = c["timestep_spacing"]
+        if spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif spacing == "leading":
+            ratio = last // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(c["steps_offset"])
+        else:  # trailing
+            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+        # trailing: np.arange can give n + 1 entries, the last -1 (e.g. n = 61 of T = 1000); kept as diffusers
+        lowest = -1 if spacing == "trailing" else 0
+        if ts.size == 0 or ts.min() < lowest or ts.max() >= T:
+            raise ValueError(f"num_inference_steps={n} with timestep_spacing={spacing!r}, steps_offset="
+                             f"{c['steps_offset']} and lambda_min_clipped={lam_min} gives timesteps {ts.tolist()} "
+                             f"outside [0, num_train_timesteps={T})")
+        return ts
+
+    # -- step ------------------------------------------------------------------------------------------------
+    def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
+        """Dynamic thresholding (Imagen), as ``BaseScheduler._threshold_sample`` but with the per-image
+        quantile of |x_0| taken by ``np.partition`` (linear interpolation, as ``torch.quantile``):
+        ``np.quantile``'s overhead alone is ~130 us, several times a whole step at small sizes. A candidate
+        for base.py."""
+        batch = sample.shape[0]
+        dtype = sample.dtype
+        flat = sample.reshape(batch, -1)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float32)
+        mag = np.abs(flat)
+        n = mag.shape[1]
+        pos = float(self.config["dynamic_thresholding_ratio"]) * (n - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, n - 1)
+        frac = pos - lo
+        part = np.partition(mag, (lo, hi) if hi != lo else lo, axis=1)
+        v_lo, v_hi = part[:, lo], part[:, hi]
+        # torch.lerp / numpy's two-sided linear interpolation
+        q = v_lo + (v_hi - v_lo) * frac if frac < 0.5 else v_hi - (v_hi - v_lo) * (1.0 - frac)
+        s = np.clip(q, 1, self.config["sample_max_value"]).astype(flat.dtype, copy=False)[:, None]
+        return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
+
+    def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        """The quantity the solver integrates: x_0 (DPM-Solver++) or epsilon (DPM-Solver); a new array."""
+        c = self.config
+        a, s = self._alpha[i], self._sigma[i]
+        pt = c["prediction_type"]
+        if c["algorithm_type"] in ("dpmsolver++", "sde-dpmsolver++"):
+            if pt == "epsilon":
+                x0 = sample - s * model_output
+                x0 *= 1.0 / a
+            elif pt == "sample":
+                x0 = model_output.copy()
+            else:  # v_prediction: x_0 = alpha * x_t - sigma * v
+                x0 = a * sample
+                x0 -= s * model_output
+            if c["thresholding"]:
+                x0 = self._threshold_sample(x0)
+            return x0
+        if pt == "epsilon":
+            eps = model_output.copy()
+        elif pt == "sample":
+            eps = sample - a * model_output
+            eps *= 1.0 / s
+        else:  # v_prediction: eps = alpha * v + sigma * x_t
+            eps = a * model_output
+            eps += s * sample
+        if c["thresholding"]:
+            x0 = self._threshold_sample((sample - s * eps) * (1.0 / a))
+            eps = (sample - a * x0) * (1.0 / s)
+        return eps
+
+    def _coefficients(self, i: int, order: int) -> tuple[float, list[float], float]:
+        """(c_x, [c_m0, c_m1, c_m2][:order], c_noise) with x_next = c_x x + sum c_mk m_k + c_noise z.
+
+        m0 is the converted output at this step, m1 / m2 those of the previous steps; the D-differences of
+        the papers are expanded into these weights. Every coefficient is finite, also for h = 0 or +inf.
+        """
+        algo = self.config["algorithm_type"]
+        heun = self.config["solver_type"] == "heun"
+        a_t, s_t, l_t = self._alpha[i + 1], self._sigma[i + 1], self._lambda[i + 1]
+        a0, s0, l0 = self._alpha[i], self._sigma[i], self._lambda[i]
+        h = l_t - l0
+        if h == 0:  # repeated sigma (Karras + sigma_min at the last step): the exact limit is no change
+            return 1.0, [0.0] * order, 0.0
+        c_noise = 0.0
+        mid = order == 2 and not heun  # the midpoint rule only changes the second-order update
+        # weights B0, B1, B2 of D0, D1, D2: DPM-Solver++ eqs. (9)-(10) and App. B of DPM-Solver (the
+        # bracketed phi terms through expm1 / _f1 / _f2 so that they stay exact for small h)
+        if algo == "dpmsolver++":
+            c_x = s_t / s0
+            em = math.expm1(-h)
+            B0 = -a_t * em
+            if order > 1:
+                B1 = -0.5 * a_t * em if mid else -a_t * _f1(-h)
+                B2 = -a_t * _f2(-h) if order == 3 else 0.0
+        elif algo == "sde-dpmsolver++":
+            em2 = math.expm1(-2.0 * h)  # exp(-2h) - 1
+            c_x = s_t / s0 * math.exp(-h)
+            B0 = -a_t * em2
+            c_noise = s_t * math.sqrt(max(-em2, 0.0))
+            if order > 1:
+                B1 = -0.5 * a_t * em2 if mid else -a_t * _f1(-2.0 * h)
+                B2 = a_t * (-_f2(-2.0 * h) - 1.0) if order == 3 else 0.0
+        elif algo == "dpmsolver":
+            c_x = a_t / a0
+            ep = math.expm1(h)
+            B0 = -s_t * ep
+            if order > 1:
+                B1 = -0.5 * s_t * ep if mid else -s_t * _f1(h)
+                B2 = -s_t * _f2(h) if order == 3 else 0.0
+        else:  # sde-dpmsolver (no third order: refused at construction)
+            c_x = a_t / a0
+            ep = math.expm1(h)
+            B0 = -2.0 * s_t * ep
+            c_noise = s_t * math.sqrt(max(math.expm1(2.0 * h), 0.0))
+            if order > 1:
+                B1 = -s_t * ep if mid else -2.0 * s_t * _f1(h)
+                B2 = 0.0
+        if order == 1:
+            return c_x, [B0], c_noise
+        h0 = l0 - self._lambda[i - 1]
+        if h0 == 0:  # the previous output is at the same noise level (trailing's t = 0, -1): no slope to use
+            return self._coefficients(i, 1)  # diffusers: NaN / inf here
+        u = h / h0  # 1 / r0
+        if order == 2:  # D1 = (m0 - m1) / r0
+            return c_x, [B0 + B1 * u, -B1 * u], c_noise
+        h1 = self._lambda[i - 1] - self._lambda[i - 2]
+        if h1 == 0:
+            return self._coefficients(i, 2)
+        v = h / h1  # 1 / r1
+        w = h0 / (h0 + h1)  # r0 / (r0 + r1)
+        z = h / (h0 + h1)  # 1 / (r0 + r1)
+        # D1 = D1_0 + w (D1_0 - D1_1), D2 = z (D1_0 - D1_1), D1_0 = u (m0 - m1), D1_1 = v (m1 - m2)
+        c0 = B0 + B1 * u * (1 + w) + B2 * z * u
+        c1 = -B1 * (u + w * (u + v)) - B2 * z * (u + v)
+        c2 = B1 * w * v + B2 * z * v
+        return c_x, [c0, c1, c2], c_noise
+
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None,
+             variance_noise: np.ndarray | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """One multistep DPM-Solver step from ``timesteps[step_index]`` to the next noise level.
+
+        Args:
+            model_output: float32[B, C, H, W] (or [B, 2C, H, W] with ``variance_type`` set: the first C
+                channels are used).
+            timestep: the current entry of ``timesteps`` (looked up on the first call only).
+            sample: float32[B, C, H, W], the current x_t.
+            generator: noise source of the SDE variants (``TorchGenerator``, ``numpy.random.Generator`` or a
+                list of them, one per image); one float32 draw of the sample's shape per step.
+            variance_noise: float[B, C, H, W], the SDE noise itself instead of drawing it.
+            return_dict: False returns ``(prev_sample,)`` as diffusers.
+
+        Returns ``SchedulerOutput(prev_sample, pred_original_sample)`` (x_0 of this step); prev_sample has
+        the dtype of ``model_output`` / ``sample`` (float32 for float32 inputs). Do not modify
+        ``pred_original_sample`` in place: the solver keeps it for the next steps.
+        """
+        self._check_step_inputs(model_output, sample)
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        n = len(self.timesteps)
+        if i >= n:
+            raise ValueError(f"step() was called past the last of the {n} timesteps; call set_timesteps() again "
+                             "to start a new loop")
+        c = self.config
+        C = sample.shape[1]
+        if c["variance_type"] in LEARNED_VARIANCE and model_output.ndim == sample.ndim and \
+                model_output.shape[1] == 2 * C:
+            model_output = model_output[:, :C]
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {model_output.shape}, sample {sample.shape}"
+                             + ("" if c["variance_type"] in LEARNED_VARIANCE else
+                                " (a 2C-channel output needs variance_type='learned_range' or 'learned')"))
+        out_dtype = np.result_type(model_output.dtype, sample.dtype)
+        work = np.float64 if out_dtype == np.float64 else np.float32
+        x = sample.astype(work, copy=False)
+        mo = model_output.astype(work, copy=False)
+
+        # lower orders at the end stabilise few-step sampling; a final sigma of 0 always takes a first-order step
+        final_zero = self._sigma[i + 1] == 0
+        lower_final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or final_zero)
+        lower_second = i == n - 2 and c["lower_order_final"] and n < 15
+
+        converted = self._convert_model_output(mo, x, i)
+        order_max = c["solver_order"]
+        outs = self.model_outputs
+        for k in range(order_max - 1):
+            outs[k] = outs[k + 1]
+        outs[-1] = converted
+
+        noise = None
+        if c["algorithm_type"] in ("sde-dpmsolver", "sde-dpmsolver++"):
+            if variance_noise is None:
+                noise = self._noise(converted.shape, generator, np.float32)
+            else:
+                noise = np.asarray(variance_noise)
+                if noise.shape != converted.shape:
+                    raise ValueError(f"variance_noise has shape {noise.shape}; expected {converted.shape}")
+            noise = noise.astype(work, copy=False)
+
+        if order_max == 1 or self.lower_order_nums < 1 or lower_final:
+            order = 1
+        elif order_max == 2 or self.lower_order_nums < 2 or lower_second:
+            order = 2
+        else:
+            order = 3
+        c_x, cms, c_noise = self._coefficients(i, order)
+        prev = x * c_x if c_x != 1.0 else x.copy()
+        for k, cm in enumerate(cms):
+            if cm != 0.0:
+                prev += cm * outs[-1 - k]
+        if noise is not None and c_noise != 0.0:
+            prev += c_noise * noise
+
+        if self.lower_order_nums < order_max:
+            self.lower_order_nums += 1
+        self._step_index = i + 1
+
+        prev = prev.astype(out_dtype, copy=False)
+        if c["algorithm_type"] in ("dpmsolver++", "sde-dpmsolver++"):
+            x0 = converted
+        else:
+            x0 = (x - self._sigma[i] * converted) * (1.0 / self._alpha[i])
+        x0 = x0.astype(out_dtype, copy=False)
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    # -- forward process -------------------------------------------------------------------------------------
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
+        """x_t = alpha_t x_0 + sigma_t noise.
+
+        After ``set_timesteps`` each timestep is looked up in ``timesteps`` and its (possibly Karras) sigma
+        used, with diffusers' rule: the begin index if one was set (the current step index once stepping
+        started). Before ``set_timesteps``: the training schedule at integer timesteps in [0, T).
+        """
+        if self.num_inference_steps is None:
+            return super().add_noise(original_samples, noise, timesteps)
+        x0 = np.asarray(original_samples)
+        dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
+        t = np.asarray(timesteps).reshape(-1)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(v) for v in t]
+        elif self._step_index is not None:
+            idx = [self._step_index] * t.shape[0]
+        else:
+            idx = [self._begin_index] * t.shape[0]
+        sigma = self.sigmas[idx]
+        alpha = 1.0 / np.sqrt(1.0 + sigma * sigma)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = alpha.astype(dtype).reshape(shape)
+        s = (sigma * alpha).astype(dtype).reshape(shape)
+        return a * x0 + s * np.asarray(noise, dtype=dtype)
