@@ -291,15 +291,12 @@ class BaseScheduler:
 
     def _clip_or_threshold(self, x0: np.ndarray, inplace: bool = False) -> np.ndarray:
         """Apply ``thresholding`` or ``clip_sample`` to a predicted x_0 (in place when ``inplace``)."""
-        c = self.config
+        c = self._config
         if c.get("thresholding"):
             return self._threshold_sample(x0)
         if c.get("clip_sample"):
-            r = float(c["clip_sample_range"])
-            out = x0 if inplace else None
-            # two in-place ufuncs are cheaper than np.clip's Python wrapper on the hot path
-            out = np.minimum(x0, r, out=out)
-            return np.maximum(out, -r, out=out)
+            r = c["clip_sample_range"]
+            return np.clip(x0, -r, r, out=x0 if inplace else None)
         return x0
 
     def _check_x0(self, x0: np.ndarray, t: int, a_t: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .base import BaseScheduler, SchedulerOutput, register_to_config
@@ -34,6 +36,8 @@ class DDIMScheduler(BaseScheduler):
         self.init_noise_sigma = 1.0
         self.timesteps = np.arange(0, num_train_timesteps)[::-1].astype(np.int64)
         self._prev_of: dict[int, int] = {}
+        self._coefs: dict[int, tuple[float, float]] = {}
+        self._prediction_type = prediction_type
 
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         """DDIM needs no input scaling; returns ``sample`` unchanged."""
@@ -50,6 +54,8 @@ class DDIMScheduler(BaseScheduler):
         self.num_inference_steps = n
         self.timesteps = ts
         self._prev_of = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
+        # per-step coefficients, float64 -> Python floats, looked up once per step (the hot path)
+        self._coefs = {t: self._alpha_prods(t) for t in self._prev_of}
 
     def previous_timestep(self, timestep) -> int:
         t = int(timestep)
@@ -81,14 +87,15 @@ class DDIMScheduler(BaseScheduler):
             generator / variance_noise: the source of the eta > 0 noise (not both).
         """
         self._check_step_inputs(model_output, sample)
-        if eta is None or not np.isfinite(eta) or eta < 0:
+        if eta is None or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
         t = int(timestep)
-        a_t, a_prev = self._alpha_prods(t)
+        coefs = self._coefs.get(t) if self.num_inference_steps is not None else None
+        a_t, a_prev = coefs if coefs is not None else self._alpha_prods(t)
         b_t = 1 - a_t
         sqrt_a, sqrt_b = a_t**0.5, b_t**0.5
 
-        pt = self.config["prediction_type"]
+        pt = self._prediction_type
         if pt == "epsilon":
             eps = model_output
             if a_t > 0:
