@@ -6,6 +6,13 @@ import pytest
 # tests/_parity.py is a helper module shared by the scheduler tests
 sys.path.insert(0, os.path.dirname(__file__))
 
+try:  # the test models are tiny: one thread is fastest, and immune to a busy machine (no spin-waiting)
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     try:

@@ -210,10 +210,18 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert "steps must be an int >= 1" in capsys.readouterr().err
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29561",
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "deploy_diff.cli", "train", "--data", "digits", "--out", str(tmp_path / "ddp"), "--steps", "3",
            "--batch-size", "8", "--no-progress", "--sample-every", "0", "--device", "cpu", *TINY_FLAGS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
