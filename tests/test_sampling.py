@@ -1,5 +1,7 @@
 """The one sampling loop, driven by a NumPy stand-in runner, against diffusers' pipeline loop."""
 
+import inspect
+
 import diffusers
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from _parity import rel_err
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.sampling import NonFiniteError, sample
-from deploy_diff.runtime.schedulers import DDIMScheduler, DDPMScheduler
+from deploy_diff.runtime.schedulers import SCHEDULER_NAMES, DDIMScheduler, DDPMScheduler, scheduler_from_name
 
 SHAPE = (2, 3, 8, 8)
 
@@ -35,7 +37,9 @@ def diffusers_loop(scheduler, shape, steps, seed, **step_kwargs):
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(x, t)
         out = torch.from_numpy(runner(inp.numpy(), np.full((shape[0],), float(t), np.float32), None))
-        x = scheduler.step(out, t, x, generator=g, **step_kwargs).prev_sample
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = g
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -48,6 +52,15 @@ def test_sample_equals_diffusers_pipeline_loop(name, eta, seed):
     theirs = diffusers_loop(getattr(diffusers, name)(), SHAPE, 20, seed, **kw)
     assert ours.dtype == np.float32 and ours.shape == SHAPE
     assert rel_err(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_NAMES))
+def test_every_scheduler_samples_like_the_diffusers_loop(name):
+    """init_noise_sigma, scale_model_input and per-step noise of every scheduler, through sample()."""
+    ours_sched = scheduler_from_name(name, {"prediction_type": "epsilon"})
+    theirs = getattr(diffusers, type(ours_sched).__name__).from_config(dict(ours_sched.config))
+    ours = sample(runner, ours_sched, SHAPE, num_inference_steps=12, generator=TorchGenerator(3))
+    assert rel_err(ours, diffusers_loop(theirs, SHAPE, 12, 3)) <= 1e-4
 
 
 def test_per_image_generators_make_images_batch_independent():

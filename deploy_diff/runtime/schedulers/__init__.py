@@ -9,6 +9,9 @@ from .base import BaseScheduler, SchedulerConfig, SchedulerOutput, read_config_f
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .heun import HeunDiscreteScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -17,6 +20,9 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
     "SchedulerConfig",
     "SchedulerOutput",
     "UniPCMultistepScheduler",
@@ -27,7 +33,8 @@ __all__ = [
 
 #: diffusers class name -> our class
 SCHEDULER_CLASSES: dict[str, type[BaseScheduler]] = {
-    cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+    cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                                   EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 }
 
 

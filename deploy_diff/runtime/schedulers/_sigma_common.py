@@ -29,6 +29,7 @@ __all__ = [
     "betainc",
     "beta_sigmas",
     "check_sigma_options",
+    "compute_dtype_view",
     "exponential_sigmas",
     "float_spaced_timesteps",
     "karras_sigma_list",
@@ -167,6 +168,18 @@ def check_sigma_options(config: dict[str, Any]) -> None:
     check_choice("timestep_spacing", config["timestep_spacing"], ("linspace", "leading", "trailing"))
 
 
+_FLOAT_SCALARS = (np.float32, float, np.float64)
+_WIDE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def compute_dtype_view(sample: np.ndarray, model_output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, model_output) in the dtype diffusers' Euler steps compute in: float32, or float64 for a
+    float64 sample (float16 is upcast, as diffusers does); no copies when nothing changes."""
+    x = sample if sample.dtype in _WIDE_FLOATS else sample.astype(np.float32)
+    mo = model_output if model_output.dtype == x.dtype else model_output.astype(x.dtype)
+    return x, mo
+
+
 def _as_float_timestep(timestep: Any) -> np.ndarray:
     t = np.asarray(timestep)
     if t.size != 1:
@@ -176,7 +189,7 @@ def _as_float_timestep(timestep: Any) -> np.ndarray:
 
 def reject_integer_timestep(cls_name: str, timestep: Any) -> None:
     """diffusers' Euler schedulers refuse integer timesteps (usually an index from ``enumerate``)."""
-    if isinstance(timestep, bool):
+    if type(timestep) in _FLOAT_SCALARS or isinstance(timestep, bool):
         return
     if isinstance(timestep, (int, np.integer)) or (isinstance(timestep, np.ndarray) and timestep.dtype.kind in "iu"):
         raise ValueError(f"{cls_name}.step() got the integer timestep {timestep!r}: passing indices (e.g. from "

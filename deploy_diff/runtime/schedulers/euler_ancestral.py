@@ -1,0 +1,117 @@
+"""Euler ancestral (k-diffusion's ``sample_euler_ancestral``): an Euler step down to sigma_down, then fresh
+noise of std sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._sigma_common import (
+    SigmaSchedulerMixin,
+    check_sigma_options,
+    compute_dtype_view,
+    float_spaced_timesteps,
+    reject_integer_timestep,
+)
+from .base import BaseScheduler, SchedulerOutput, register_to_config
+
+
+class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
+    """diffusers' ``EulerAncestralDiscreteScheduler`` in NumPy (same constructor arguments and defaults).
+
+    ``step`` draws one noise array of the sample's shape at *every* step, the last one included (where its
+    weight sigma_up is 0), in diffusers' order, so a ``TorchGenerator`` reproduces diffusers' samples.
+    ``timesteps`` are float32 (fractional for ``linspace``), ``sigmas`` float64[len(timesteps) + 1].
+
+    As in diffusers, ``rescale_betas_zero_snr`` clamps the last alphas_cumprod to 2**-24 (sigma_max ~ 4096),
+    and ``trailing`` spacing can give n + 1 timesteps (n = 61 with T = 1000: the last is -1).
+
+    Where this differs from diffusers, on purpose:
+
+    * ``prediction_type="sample"`` works (x_0 is the model output); diffusers raises NotImplementedError.
+    * sigma_down is computed as sigma_next^2 / sigma and sigma_up as sigma_next * sqrt(1 - sigma_next^2 /
+      sigma^2) clamped at 0 (the same numbers; diffusers' sqrt(sigma_next^2 - sigma_up^2) can round below 0);
+      with v_prediction the slope (x - x_0) / sigma is used in closed form (less float32 cancellation).
+    * ``step`` keeps a float64 sample in float64 (diffusers computes in float32); float16 is upcast to
+      float32 like diffusers and the result cast to the model output's dtype.
+    * A timestep that is not in ``timesteps``, or a step past the last one, raises ValueError (diffusers:
+      IndexError). The "call scale_model_input first" warning is re-armed by every ``set_timesteps``.
+    """
+
+    _diffusers_beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         rescale_betas_zero_snr)
+        self._validate_common()
+        check_sigma_options(self.config)
+        if rescale_betas_zero_snr:
+            # as diffusers: abar_{T-1} = 0 would make the first sigma infinite; 2**-24 gives sigma_max ~ 4096
+            self.alphas_cumprod[-1] = 2.0**-24
+        self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]])
+        self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].astype(np.float32)
+        self._reset_state()
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose ``num_inference_steps`` timesteps spaced by ``timestep_spacing``; sigmas are interpolated
+        linearly in t. Resets the step index."""
+        n = self._check_num_inference_steps(num_inference_steps)
+        c = self.config
+        T = c["num_train_timesteps"]
+        ts = float_spaced_timesteps(T, n, c["timestep_spacing"], c["steps_offset"])
+        sig = np.interp(ts, np.arange(T), self._train_sigmas())
+        self.num_inference_steps = n
+        self.timesteps = ts
+        self.sigmas = np.concatenate([sig, [0.0]])
+        self._reset_state()
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator=None,
+             return_dict: bool = True) -> SchedulerOutput | tuple:
+        """One ancestral step from sigma_i to sigma_{i+1}.
+
+        Args:
+            model_output: float32[B, C, H, W], the model's prediction on ``scale_model_input(sample, t)``.
+            timestep: the current entry of ``timesteps`` (a float; integers are refused, as in diffusers).
+            sample: float32[B, C, H, W], x at sigma_i.
+            generator: ``TorchGenerator``, ``numpy.random.Generator`` or a list of them (one per image).
+        Returns:
+            ``SchedulerOutput(prev_sample float[B, C, H, W] in model_output's dtype, pred_original_sample)``.
+        """
+        self._check_step_inputs(model_output, sample)
+        reject_integer_timestep(type(self).__name__, timestep)
+        self._warn_if_not_scaled()
+        i = self._current_index(timestep)
+        sigma, sigma_to = self._sigma_list[i], self._sigma_list[i + 1]
+        x, mo = compute_dtype_view(sample, model_output)  # diffusers upcasts fp16 to float32
+
+        # the ancestral split: sigma_up^2 = sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2, sigma_down^2 =
+        # sigma_to^2 - sigma_up^2 = sigma_to^4 / sigma^2
+        ratio = sigma_to / sigma if sigma > 0 else 0.0  # sigma = 0 only with trained_betas starting at 0
+        sigma_up = sigma_to * math.sqrt(max(1.0 - ratio * ratio, 0.0))
+        sigma_down = sigma_to * ratio
+        dt = sigma_down - sigma
+
+        pt = self.config["prediction_type"]
+        if pt == "epsilon":
+            x0 = x - sigma * mo
+            prev = x + dt * mo  # derivative (x - x0) / sigma is the model output itself
+        elif pt == "v_prediction":
+            # x0 = c_out * v + c_skip * x; the slope (x - x0) / sigma = x * sigma / (sigma^2 + 1) +
+            # v / sqrt(sigma^2 + 1) is formed without the cancellation of x - x0
+            x0 = mo * (-sigma / math.sqrt(sigma**2 + 1)) + x * (1.0 / (sigma**2 + 1))
+            prev = x * (1.0 + dt * sigma / (sigma**2 + 1)) + mo * (dt / math.sqrt(sigma**2 + 1))
+        else:
+            x0 = mo
+            prev = x + (x - x0) * (dt / sigma if sigma > 0 else 0.0)
+        noise = self._noise(model_output.shape, generator, model_output.dtype)
+        prev = (prev + noise * sigma_up).astype(model_output.dtype, copy=False)
+        self._step_index = i + 1
+        if not return_dict:
+            return prev, x0
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
