@@ -2,6 +2,13 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# CI runs must be reproducible: hypothesis draws the same examples every run (explore more locally with
+# DEPLOY_DIFF_HYPOTHESIS_EXAMPLES=2000 and HYPOTHESIS_PROFILE=explore)
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # tests/_parity.py is a helper module shared by the scheduler tests
 sys.path.insert(0, os.path.dirname(__file__))

@@ -2,6 +2,7 @@
 random *invalid* values raise ValueError (never another exception, never a silent NaN)."""
 
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -55,6 +56,11 @@ BAD_VALUES = {
 }
 
 
+DOCUMENTED_REFUSALS = ("zero terminal SNR", "repeats a sigma", "repeated timesteps", "zero or non-finite noise level",
+                       "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset")
+MAX_EXAMPLES = int(os.environ.get("DEPLOY_DIFF_HYPOTHESIS_EXAMPLES", "40"))
+
+
 def _config_strategy(name):
     accepted = set(SCHEDULER_CLASSES[name]._init_parameters())  # e.g. Heun has no rescale_betas_zero_snr
     return st.fixed_dictionaries({k: v for k, v in {**COMMON, **EXTRA[name]}.items() if k in accepted})
@@ -83,7 +89,7 @@ def test_valid_configs_stay_finite(name):
         pytest.fail(f"{name} is not registered in deploy_diff.runtime.schedulers")
     cls = SCHEDULER_CLASSES[name]
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(cfg=_config_strategy(name), steps=st.integers(1, 50), seed=st.integers(0, 2**16))
     def check(cfg, steps, seed):
         steps = min(steps, cfg["num_train_timesteps"])
@@ -93,9 +99,10 @@ def test_valid_configs_stay_finite(name):
         try:
             _run(s, steps, seed)
         except ValueError as e:
-            # documented refusals: epsilon prediction at a zero-SNR timestep (unclipped), and a schedule whose
-            # sigmas repeat (as many inference steps as training steps with linspace/leading spacing)
-            assert "zero terminal SNR" in str(e) or "repeats a sigma" in str(e), e
+            # documented refusals (where diffusers returns NaN or crashes): epsilon prediction at a zero-SNR
+            # timestep (unclipped), and schedules whose timesteps/sigmas repeat or hit zero (as many inference
+            # steps as training steps with linspace/leading spacing)
+            assert any(m in str(e) for m in DOCUMENTED_REFUSALS), e
 
     check()
 
