@@ -18,6 +18,7 @@ How torch draws (CPU generator, float32):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,20 +56,24 @@ class TorchGenerator:
         return self._mt.randint(0, 2**32, size=n, dtype=np.uint64)
 
     def _uniform_f32(self, n: int) -> np.ndarray:
-        return ((self._u32(n) & np.uint64(0xFFFFFF)).astype(np.float32)) * np.float32(2.0**-24)
+        u = (self._u32(n) & np.uint64(0xFFFFFF)).astype(np.float32)
+        u *= np.float32(2.0**-24)
+        return u
 
     def _uniform_f64(self) -> float:
         hi, lo = (int(v) for v in self._u32(2))
         return (((hi << 32) | lo) & ((1 << 53) - 1)) * 2.0**-53
 
     @staticmethod
-    def _box_muller_16(u: np.ndarray) -> np.ndarray:
-        """float32[k, 16] uniforms -> normals, torch's ``normal_fill_16`` on each row."""
-        u1 = np.float32(1.0) - u[:, :8]
-        u2 = u[:, 8:]
-        radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-        theta = _TWO_PI_F32 * u2
-        return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)], axis=1)
+    def _box_muller_16(u: np.ndarray, out: np.ndarray) -> None:
+        """float32[k, 16] uniforms -> normals written into ``out`` float32[k, 16] (torch's
+        ``normal_fill_16`` on each row: pairs j and j + 8)."""
+        radius = np.log(np.float32(1.0) - u[:, :8])
+        radius *= np.float32(-2.0)
+        np.sqrt(radius, out=radius)
+        theta = u[:, 8:] * _TWO_PI_F32
+        np.multiply(radius, np.cos(theta), out=out[:, :8])
+        np.multiply(radius, np.sin(theta), out=out[:, 8:])
 
     def _small_normal(self) -> float:
         if self._next_normal is not None:
@@ -87,16 +92,15 @@ class TorchGenerator:
         shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise ValueError(f"shape must be non-negative; got {shape}")
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         if n >= 16:
             data = self._uniform_f32(n)
             full = n - n % 16
             out = np.empty(n, dtype=np.float32)
-            out[:full] = self._box_muller_16(data[:full].reshape(-1, 16)).reshape(-1)
+            self._box_muller_16(data[:full].reshape(-1, 16), out[:full].reshape(-1, 16))
             if full != n:
                 # torch recomputes the last 16 positions from 16 fresh uniforms
-                tail = self._uniform_f32(16)
-                out[n - 16:] = self._box_muller_16(tail.reshape(1, 16)).reshape(-1)
+                self._box_muller_16(self._uniform_f32(16).reshape(1, 16), out[n - 16:].reshape(1, 16))
         else:
             out = np.array([self._small_normal() for _ in range(n)], dtype=np.float64).astype(np.float32)
         return out.reshape(shape).astype(dtype, copy=False)
