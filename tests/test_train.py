@@ -40,6 +40,18 @@ def test_loss_falls_on_digits(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+def test_metrics_are_written_live_and_a_killed_runs_tail_is_dropped_on_resume(tmp_path):
+    Trainer(TINY, tiny_train_config(steps=4), tmp_path, progress=False).train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # rows of a run killed after its last checkpoint
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    trainer = Trainer(None, tiny_train_config(steps=6), tmp_path, resume=True, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    trainer.train_step()
+    trainer._log_metrics({"step": trainer.step, "loss": 0.5, "lr": 0.1})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     trainer = Trainer(TINY, tiny_train_config(steps=4), tmp_path, progress=False)
     trainer.train()
@@ -68,6 +80,8 @@ def test_straight_run_equals_half_resume_half(tmp_path, prediction_type):
     assert resumed.step == 5
     resumed.train()
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in straight.metrics]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))  # appended on resume, no duplicates
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
 

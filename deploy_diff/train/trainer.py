@@ -228,6 +228,16 @@ class Trainer:
                     continue
                 if isinstance(row, dict) and row.get("step", 0) <= self.step:
                     self.metrics.append(row)
+            if self.is_main:  # drop rows of steps after the checkpoint (a killed run's tail) right away
+                atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in self.metrics))
+
+    def _log_metrics(self, row: dict[str, Any]) -> None:
+        """Keep a metrics row and append it to metrics.jsonl at once (live progress for a watcher). Every
+        save rewrites the file atomically, so a line torn by a kill never outlives the next checkpoint."""
+        self.metrics.append(row)
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
     def _trainer_state(self) -> dict[str, Any]:
         gens = [self.gen.get_state()]
@@ -358,6 +368,8 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.ckpt is None and not self.metrics:  # a fresh run: no rows of an earlier, unsaved attempt
+                atomic_write_text(self.out / "metrics.jsonl", "")
             self.log(f"training {count_parameters(self.model):,} parameters on {len(self.data)} images "
                      f"({self.data.source}) for {cfg.steps - self.step} steps on {self.device}"
                      + (f" x {self.world} processes" if self.world > 1 else "")
@@ -388,10 +400,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, cfg):.2e}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - start
-                    self.metrics.append({"step": self.step, "loss": float(np.mean(window)),
-                                         "lr": lr_at(self.step - 1, cfg),
-                                         "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
-                                         "time_s": elapsed})
+                    self._log_metrics({"step": self.step, "loss": float(np.mean(window)),
+                                       "lr": lr_at(self.step - 1, cfg),
+                                       "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+                                       "time_s": elapsed})
                     window = []
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
@@ -405,8 +417,8 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         if window:
-            self.metrics.append({"step": self.step, "loss": float(np.mean(window)), "lr": lr_at(self.step - 1, cfg),
-                                 "time_s": time.perf_counter() - start})
+            self._log_metrics({"step": self.step, "loss": float(np.mean(window)), "lr": lr_at(self.step - 1, cfg),
+                               "time_s": time.perf_counter() - start})
         self.save()
         if self.is_main and not (interrupted or stop["requested"]) and cfg.sample_every:
             self._write_samples()
