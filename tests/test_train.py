@@ -243,3 +243,29 @@ def test_ddp_two_cpu_processes(tmp_path):
     ck = find_checkpoint(tmp_path / "ddp")
     assert ck.step == 3
     assert "x 2 processes" in proc.stdout
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    trainer = Trainer(TINY, tiny_train_config(steps=3, mixed_precision="bf16"), tmp_path, progress=False)
+    result = trainer.train()
+    assert result["step"] == 3 and np.isfinite(result["final_loss"])
+    with pytest.raises(ValueError, match="fp16.*needs CUDA"):
+        Trainer(TINY, tiny_train_config(mixed_precision="fp16"), tmp_path / "x", progress=False)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = UNet(TINY)
+    with torch.no_grad():  # leave the zero-initialised start, where most gradients vanish
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = UNet(UNetConfig(**{**TINY.to_dict(), "gradient_checkpointing": True}))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 700.0])
+    for m in (plain, ckpt):
+        m.train()
+        m(x, t).pow(2).mean().backward()
+    grads = [(a.grad, b.grad) for a, b in zip(plain.parameters(), ckpt.parameters())]
+    assert sum(int(g.abs().sum() > 0) for g, _ in grads) > 0.9 * len(grads)
+    for a, b in grads:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
