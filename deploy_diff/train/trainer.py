@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime._fileio import atomic_open
 from ..runtime.images import image_grid, save_png, to_images
 from ..runtime.rng import TorchGenerator
 from ..runtime.sampling import sample
@@ -287,10 +288,9 @@ class Trainer:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.out / ".loss.png.tmp.png"
-        fig.savefig(tmp)
+        with atomic_open(self.out / "loss.png") as f:
+            fig.savefig(f, format="png")
         plt.close(fig)
-        os.replace(tmp, self.out / "loss.png")
 
     # -- sampling ----------------------------------------------------------------------------------------
     def sample_grid(self, num_images: int = 16, steps: int | None = None, seed: int = 0) -> np.ndarray:

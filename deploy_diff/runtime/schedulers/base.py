@@ -15,7 +15,6 @@ import functools
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._fileio import atomic_write_text
 from ..rng import randn_tensor
 from ..schedules import alphas_cumprod_from_betas, get_betas, rescale_zero_terminal_snr
 
@@ -103,23 +103,6 @@ def register_to_config(init):
         init(self, **kwargs)
 
     return wrapper
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -215,7 +198,7 @@ class BaseScheduler:
         data: dict[str, Any] = {"_class_name": type(self).__name__}
         data.update(self.diffusers_config())
         path = out / CONFIG_NAME
-        _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
         return path
 
     def diffusers_config(self) -> dict[str, Any]:
