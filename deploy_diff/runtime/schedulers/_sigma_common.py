@@ -34,7 +34,6 @@ __all__ = [
     "float_spaced_timesteps",
     "karras_sigma_list",
     "reject_integer_timestep",
-    "sigma_to_t_like_diffusers",
 ]
 
 
@@ -142,23 +141,6 @@ def karras_sigma_list(sigma_min: float, sigma_max: float, n: int, rho: float = 7
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
-def sigma_to_t_like_diffusers(sigma: np.ndarray, log_sigmas32: np.ndarray) -> np.ndarray:
-    """diffusers' ``_sigma_to_t``: fractional timestep of each sigma by linear interpolation in log sigma.
-
-    ``log_sigmas32`` is float32 on purpose: diffusers compares against float32 log sigmas, and where the
-    zero-terminal-SNR clamp (abar_{T-1} = 2**-24) makes log sigma non-monotonic at the top (``linear``),
-    which bracket a sigma falls in is decided by that float32 rounding.
-    """
-    sigma = np.asarray(sigma, dtype=np.float64)
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas32[:, np.newaxis]
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas32.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas32[low_idx], log_sigmas32[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
-
-
 def check_sigma_options(config: dict[str, Any]) -> None:
     """At most one of the Karras / exponential / beta sigma lists (diffusers raises ValueError too)."""
     flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config.get(k)]
@@ -226,22 +208,6 @@ class SigmaSchedulerMixin:
             return max_sigma
         return math.sqrt(max_sigma**2 + 1.0)
 
-    @property
-    def step_index(self) -> int | None:
-        """Index of the current timestep; None until the first ``scale_model_input``/``step``."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at ``timesteps[begin_index]`` instead of looking the first timestep up (diffusers' API)."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0 \
-                or begin_index >= len(self.timesteps):
-            raise ValueError(f"begin_index must be an int in [0, {len(self.timesteps)}); got {begin_index!r}")
-        self._begin_index = int(begin_index)
 
     def index_for_timestep(self, timestep: Any, schedule_timesteps: np.ndarray | None = None) -> int:
         """Position of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``).

@@ -261,6 +261,26 @@ class BaseScheduler:
     def __len__(self) -> int:
         return int(self.config["num_train_timesteps"])
 
+    # -- step index (diffusers' API of the stateful schedulers) -------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current timestep into ``timesteps``; None until the first step. +1 per step."""
+        return self.__dict__.get("_step_index")
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
+        return self.__dict__.get("_begin_index")
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]`` instead of looking the first timestep up."""
+        n = len(self.timesteps) if self.num_inference_steps is not None else None
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0 \
+                or (n is not None and begin_index >= n):
+            raise ValueError(f"begin_index must be an int in [0, {n if n is not None else 'len(timesteps)'}); "
+                             f"got {begin_index!r}")
+        self._begin_index = int(begin_index)
+
     # -- helpers for steps ---------------------------------------------------------------------------
     def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
         """Dynamic thresholding (Imagen): clip each image to its ``dynamic_thresholding_ratio`` quantile
@@ -338,7 +358,11 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep(s) of ``sigma`` by linear interpolation in log-sigma (diffusers' ``_sigma_to_t``)."""
+    """Fractional timestep(s) of ``sigma`` by linear interpolation in log-sigma (diffusers' ``_sigma_to_t``).
+
+    Pass float32 ``log_sigmas`` to decide brackets as diffusers does: where the zero-terminal-SNR clamp
+    (abar_{T-1} = 2**-24) makes log sigma non-monotonic at the top (``linear``), which bracket a sigma falls
+    in is decided by that float32 rounding."""
     sigma = np.asarray(sigma, dtype=np.float64)
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]

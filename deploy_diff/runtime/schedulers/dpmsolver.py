@@ -194,21 +194,6 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
-    @property
-    def step_index(self) -> int | None:
-        """Index of the current timestep; None until the first ``step``. Advances by one per step."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at ``timesteps[begin_index]`` instead of looking the first timestep up (diffusers' API)."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative int; got {begin_index!r}")
-        self._begin_index = int(begin_index)
 
     def index_for_timestep(self, timestep, schedule_timesteps: np.ndarray | None = None) -> int:
         """Position of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``); where it occurs

@@ -13,9 +13,8 @@ from ._sigma_common import (
     compute_dtype_view,
     float_spaced_timesteps,
     reject_integer_timestep,
-    sigma_to_t_like_diffusers,
 )
-from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config
+from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config, sigma_to_t
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -126,7 +125,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
                 raise ValueError("custom sigmas must hold at least 2 finite values, all > 0 except the last "
                                  f"(>= 0); got {np.asarray(sigmas).tolist()}")
             n = sig.size - 1
-            ts = sigma_to_t_like_diffusers(sig[:-1], self._log_sigmas32())
+            ts = sigma_to_t(sig[:-1], self._log_sigmas32())
         else:
             if timesteps is not None:
                 ts = np.asarray(timesteps, dtype=np.float64).reshape(-1).astype(np.float32)
@@ -146,7 +145,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             converted = self._converted_sigmas(ends, n)
             if converted is not None:
                 sig = converted
-                ts = sigma_to_t_like_diffusers(sig, self._log_sigmas32())
+                ts = sigma_to_t(sig, self._log_sigmas32())
             last = float(train[0]) if c["final_sigmas_type"] == "sigma_min" else 0.0
             sig = np.concatenate([sig, [last]])
         self.num_inference_steps = n

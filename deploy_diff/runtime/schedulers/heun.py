@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._sigma_common import SigmaSchedulerMixin, check_sigma_options, float_spaced_timesteps, sigma_to_t_like_diffusers
-from .base import BaseScheduler, SchedulerOutput, register_to_config
+from ._sigma_common import SigmaSchedulerMixin, check_sigma_options, float_spaced_timesteps
+from .base import BaseScheduler, SchedulerOutput, register_to_config, sigma_to_t
 
 
 class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
@@ -84,7 +84,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         if conversion is not None:
             ends = np.interp(ts[[0, -1]], grid, train.astype(np.float32))  # diffusers' float32 ends
             sig = self._converted_sigmas(ends, n)
-            ts = sigma_to_t_like_diffusers(sig, self._log_sigmas32())
+            ts = sigma_to_t(sig, self._log_sigmas32())
         sig = np.concatenate([sig, [0.0]])
         ts = np.asarray(ts).astype(np.float32)
         self.num_inference_steps = n

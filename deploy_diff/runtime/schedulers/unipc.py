@@ -269,21 +269,6 @@ class UniPCMultistepScheduler(BaseScheduler):
         self._begin_index: int | None = None
         self._coef_cache: dict[tuple, tuple] = {}
 
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next step into ``timesteps`` (None before the first step); +1 after each step."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The index of the first step, when a pipeline set it with ``set_begin_index`` (img2img)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next loop at ``timesteps[begin_index]`` (call after ``set_timesteps``)."""
-        if self.num_inference_steps is not None and not 0 <= begin_index < self.num_inference_steps:
-            raise ValueError(f"begin_index={begin_index} is outside [0, {self.num_inference_steps})")
-        self._begin_index = int(begin_index)
 
     # -- schedule ----------------------------------------------------------------------------------------
     def _alphas_cumprod_f32(self) -> np.ndarray:
