@@ -261,12 +261,7 @@ class SigmaSchedulerMixin:
         x0 = np.asarray(original_samples)
         dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
         t = np.asarray(timesteps).reshape(-1)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(v) for v in t]
-        elif self._step_index is not None:
-            idx = [self._step_index] * t.shape[0]
-        else:
-            idx = [self._begin_index] * t.shape[0]
+        idx = self._noise_indices(t)
         sigma = self.sigmas[idx].astype(dtype)
         sigma = sigma.reshape(sigma.shape + (1,) * (x0.ndim - 1))
         return x0 + np.asarray(noise, dtype=dtype) * sigma

@@ -272,6 +272,16 @@ class BaseScheduler:
         """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
         return self.__dict__.get("_begin_index")
 
+    def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
+        """Schedule indices for ``add_noise`` at ``timesteps`` int/float[B], by diffusers' rule: each one looked
+        up in ``timesteps`` unless a begin index was set (then the current step index once stepping started,
+        e.g. inpainting, or the begin index before the first step, e.g. img2img)."""
+        t = np.asarray(timesteps).reshape(-1)
+        if self.begin_index is None:
+            return [self.index_for_timestep(v) for v in t]  # type: ignore[attr-defined]
+        start = self.step_index if self.step_index is not None else self.begin_index
+        return [start] * t.shape[0]
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next loop at ``timesteps[begin_index]`` instead of looking the first timestep up."""
         n = len(self.timesteps) if self.num_inference_steps is not None else None

@@ -581,12 +581,7 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         x0 = np.asarray(original_samples)
         dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
         t = np.asarray(timesteps).reshape(-1)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(v) for v in t]
-        elif self._step_index is not None:
-            idx = [self._step_index] * t.shape[0]
-        else:
-            idx = [self._begin_index] * t.shape[0]
+        idx = self._noise_indices(t)
         sigma = self.sigmas[idx]
         alpha = 1.0 / np.sqrt(1.0 + sigma * sigma)
         shape = (-1,) + (1,) * (x0.ndim - 1)

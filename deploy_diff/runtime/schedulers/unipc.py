@@ -698,12 +698,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         x0 = np.asarray(original_samples)
         dtype = x0.dtype if x0.dtype.kind == "f" else np.float32
         t = np.asarray(timesteps).reshape(-1)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(ti) for ti in t]
-        elif self._step_index is not None:
-            idx = [self._step_index] * t.size  # add_noise after the first step (inpainting)
-        else:
-            idx = [self._begin_index] * t.size  # before the first step (img2img)
+        idx = self._noise_indices(t)
         alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[idx])
         shape = (-1,) + (1,) * (x0.ndim - 1)
         alpha = np.asarray(alpha, dtype=dtype).reshape(shape)
