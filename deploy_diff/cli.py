@@ -87,15 +87,13 @@ _TRAIN_EXAMPLES = """examples:
   torchrun --nproc_per_node 2 -m deploy_diff.cli train --data digits --out runs/ddp
 """
 
-# CLI flag -> (config section, key, type)
-_MODEL_FLAGS = {"sample_size": int, "channels": int, "base_channels": int, "channel_mult": "ints",
-                "layers_per_block": int, "attention_resolutions": "ints", "num_heads": int, "dropout": float,
-                "num_classes": int, "gradient_checkpointing": bool}
-_TRAIN_FLAGS = {"steps": int, "batch_size": int, "lr": float, "warmup_steps": int, "weight_decay": float,
-                "ema_decay": float, "max_grad_norm": float, "mixed_precision": str, "loss_type": str,
-                "prediction_type": str, "num_train_timesteps": int, "beta_schedule": str, "beta_start": float,
-                "beta_end": float, "rescale_betas_zero_snr": bool, "label_dropout": float, "hflip": bool, "seed": int,
-                "log_every": int, "save_every": int, "sample_every": int, "keep_last": int, "device": str}
+# CLI flags that set a UNetConfig / TrainConfig field of the same name (argparse does the type checks)
+_MODEL_FLAGS = ("sample_size", "channels", "base_channels", "channel_mult", "layers_per_block",
+                "attention_resolutions", "num_heads", "dropout", "num_classes", "gradient_checkpointing")
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "ema_decay", "max_grad_norm",
+                "mixed_precision", "loss_type", "prediction_type", "num_train_timesteps", "beta_schedule", "beta_start",
+                "beta_end", "rescale_betas_zero_snr", "label_dropout", "hflip", "seed", "log_every", "save_every",
+                "sample_every", "keep_last", "device")
 
 
 def _ints(text: str) -> list[int]:
