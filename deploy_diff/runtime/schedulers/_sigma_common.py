@@ -190,6 +190,18 @@ class SigmaSchedulerMixin:
     config: Any
 
     # -- state ----------------------------------------------------------------------------------------
+
+    def _float_timesteps(self, num_inference_steps: Any, timesteps: Any) -> tuple[np.ndarray, int]:
+        """float32 timesteps and their count: the custom ``timesteps`` when given (checked), else
+        ``num_inference_steps`` spaced by ``timestep_spacing`` (diffusers' float rule)."""
+        c = self.config
+        if timesteps is not None:
+            ts = np.asarray(timesteps, dtype=np.float64).reshape(-1).astype(np.float32)
+            if ts.size == 0 or not np.all(np.isfinite(ts)):
+                raise ValueError(f"custom timesteps must be a non-empty list of finite numbers; got {timesteps!r}")
+            return ts, int(ts.size)
+        n = self._check_num_inference_steps(num_inference_steps)
+        return float_spaced_timesteps(c["num_train_timesteps"], n, c["timestep_spacing"], c["steps_offset"]), n
     def _reset_state(self) -> None:
         self._step_index: int | None = None
         self._begin_index: int | None = None

@@ -11,7 +11,6 @@ from ._sigma_common import (
     SigmaSchedulerMixin,
     check_sigma_options,
     compute_dtype_view,
-    float_spaced_timesteps,
     reject_integer_timestep,
 )
 from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config, sigma_to_t
@@ -127,14 +126,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             n = sig.size - 1
             ts = sigma_to_t(sig[:-1], self._log_sigmas32())
         else:
-            if timesteps is not None:
-                ts = np.asarray(timesteps, dtype=np.float64).reshape(-1).astype(np.float32)
-                if ts.size == 0 or not np.all(np.isfinite(ts)):
-                    raise ValueError(f"custom timesteps must be a non-empty list of finite numbers; got {timesteps!r}")
-                n = ts.size
-            else:
-                n = self._check_num_inference_steps(num_inference_steps)
-                ts = float_spaced_timesteps(T, n, c["timestep_spacing"], c["steps_offset"])
+            ts, n = self._float_timesteps(num_inference_steps, timesteps)
             grid = np.arange(T)
             if c["interpolation_type"] == "linear":
                 sig = np.interp(ts, grid, train)

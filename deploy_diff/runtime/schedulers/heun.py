@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._sigma_common import SigmaSchedulerMixin, check_sigma_options, float_spaced_timesteps
+from ._sigma_common import SigmaSchedulerMixin, check_sigma_options
 from .base import BaseScheduler, SchedulerOutput, register_to_config, sigma_to_t
 
 
@@ -68,16 +68,9 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         conversion = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c[k]),
                           None)
-        if timesteps is not None:
-            if conversion is not None:
-                raise ValueError(f"custom timesteps cannot be used with {conversion}=True")
-            ts = np.asarray(timesteps, dtype=np.float64).reshape(-1).astype(np.float32)
-            if ts.size == 0 or not np.all(np.isfinite(ts)):
-                raise ValueError(f"custom timesteps must be a non-empty list of finite numbers; got {timesteps!r}")
-            n = ts.size
-        else:
-            n = self._check_num_inference_steps(num_inference_steps)
-            ts = float_spaced_timesteps(T, n, c["timestep_spacing"], c["steps_offset"])
+        if timesteps is not None and conversion is not None:
+            raise ValueError(f"custom timesteps cannot be used with {conversion}=True")
+        ts, n = self._float_timesteps(num_inference_steps, timesteps)
         train = self._train_sigmas()
         grid = np.arange(T)
         sig = np.interp(ts, grid, train)
