@@ -14,7 +14,6 @@ squaredcos_cap_v2 with 50 steps, within its bound 4.9e-2). Timesteps: exact for 
 exponential / beta sigmas (more on extreme schedules).
 """
 
-import itertools
 import json
 import random
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import NoGenerator, sample_tolerance, timestep_atol
+from _sigma_parity import NoGenerator, sample_tolerance, sweep_cross_product, timestep_atol
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.heun import HeunDiscreteScheduler
@@ -139,18 +138,7 @@ def test_heun_parity(case):
 
 @pytest.mark.slow
 def test_heun_parity_full_cross_product():
-    keys = list(SPACE)
-    failures, worst = [], 0.0
-    for values in itertools.product(*SPACE.values()):
-        case = dict(zip(keys, values))
-        if not _valid(case):
-            continue
-        try:
-            worst = max(worst, _run_case(case)[0])
-        except AssertionError as e:
-            failures.append(f"{_case_id(case)}: {e}")
-    assert not failures, f"{len(failures)} failures, e.g. {failures[:5]}"
-    print(f"worst relative error {worst:.3g}")
+    sweep_cross_product(SPACE, _valid, _run_case, _case_id)
 
 
 def test_squaredcos_few_steps_is_ill_conditioned():
@@ -323,6 +311,9 @@ def test_bad_set_timesteps_and_step_arguments():
         s.step(x, s.timesteps[-1], x)
 
 
+# timed, so kept out of the default suite (a busy CI machine would make it flaky); the figures
+# come from benchmarks/scheduler_step.py
+@pytest.mark.slow
 def test_step_is_much_cheaper_than_diffusers():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 
