@@ -152,6 +152,72 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.bundle import export_bundle
+    from .export.sources import ExportError, load_diffusers_source, load_run_source
+
+    if (args.run_dir is None) == (args.from_diffusers is None):
+        raise ExportError("give exactly one source: a RUN_DIR (positional) or --from-diffusers DIR")
+    if args.scheduler_config and not args.from_diffusers:
+        raise ExportError("--scheduler-config applies to --from-diffusers only (a run folder has its own)")
+    if args.no_ema and not args.run_dir:
+        raise ExportError("--no-ema applies to a training run folder only")
+    if args.run_dir is not None:
+        src = load_run_source(args.run_dir, use_ema=not args.no_ema)
+    else:
+        src = load_diffusers_source(args.from_diffusers, args.scheduler_config)
+    manifest = export_bundle(src, args.out, opset=args.opset, fp16=args.fp16, static_batch=args.static_batch,
+                             tensorrt=args.tensorrt, tensorrt_max_batch=args.tensorrt_max_batch)
+    for precision, report in manifest["export"]["validation"].items():
+        print(f"{precision}: max error vs torch {report['max_error']:.2e} (tolerance {report['tolerance']:g}) "
+              f"over {len(report['cases'])} batches")
+    print(f"bundle: {args.out}")
+    return 0
+
+
+def _format_manifest(bundle) -> str:
+    m = bundle.manifest
+    model = bundle.model
+    ex = m.get("export", {})
+    lines = [f"bundle      {bundle.path}  (format {m['format']} v{m['format_version']}, files verified)",
+             f"model       {model.in_channels}x{model.sample_size[0]}x{model.sample_size[1]} -> "
+             f"{model.out_channels} channels, prediction_type={model.prediction_type}",
+             "classes     " + (f"{model.num_classes}, null label "
+                              + (str(model.null_class_label) if model.null_class_label is not None
+                                 else "none (guidance unavailable)") if model.conditional else "unconditional"),
+             f"batch       {'static ' + str(model.static_batch) if model.static_batch else 'dynamic'}",
+             "inputs      " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in m['model']['inputs'].items()),
+             "outputs     " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in m['model']['outputs'].items())]
+    src = m["model"].get("source") or {}
+    if src:
+        lines.append("source      " + ", ".join(f"{k}={v}" for k, v in src.items() if v is not None))
+    sched = bundle.scheduler_config()
+    lines.append(f"scheduler   {sched.get('_class_name', 'DDPMScheduler')} (T={sched.get('num_train_timesteps')}, "
+                 f"beta_schedule={sched.get('beta_schedule')}, spacing={sched.get('timestep_spacing', 'leading')})")
+    for precision, report in ex.get("validation", {}).items():
+        lines.append(f"validation  {precision}: max error {report['max_error']:.2e} "
+                     f"(tolerance {report['tolerance']:g})")
+    lines.append(f"export      opset {ex.get('opset')}, torch {ex.get('torch_version')}, "
+                 f"onnx {ex.get('onnx_version')}, "
+                 f"onnxruntime {ex.get('onnxruntime_version')}, {ex.get('created')}, "
+                 f"{ex.get('seconds', {}).get('total_s', float('nan')):.1f} s")
+    lines.append("files")
+    for name, entry in m["files"].items():
+        lines.append(f"  {name:<40} {entry['bytes']:>12,d} B  sha256 {entry['sha256'][:16]}")
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .runtime.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+    else:
+        print(_format_manifest(bundle))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -224,6 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", help="JSON object of config overrides")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_timesteps)
+
+    p = sub.add_parser("export", help="export a run or a diffusers UNet2DModel to a validated ONNX bundle",
+                       epilog="examples:\n  deploy-diff export runs/digits --out bundles/digits --fp16\n"
+                              "  deploy-diff export --from-diffusers ./ddpm-cifar10-32 --out bundles/cifar "
+                              "--static-batch 8", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="training run folder (deploy-diff train --out)")
+    p.add_argument("--from-diffusers", metavar="DIR", help="diffusers pipeline folder or UNet2DModel folder")
+    p.add_argument("--scheduler-config", metavar="FILE", help="scheduler_config.json for a bare UNet2DModel folder "
+                                                              "(default: diffusers' DDPM defaults)")
+    p.add_argument("--out", required=True, help="bundle folder to write (an existing bundle is replaced)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
+    p.add_argument("--fp16", action="store_true", help="also write unet.fp16.onnx (validated to 2e-2)")
+    p.add_argument("--static-batch", type=int, metavar="B", help="fixed batch size (for CUDA graphs)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
+    p.add_argument("--tensorrt-max-batch", type=int, default=16, help="largest batch of the engine's profile")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="verify a bundle and print its manifest")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 

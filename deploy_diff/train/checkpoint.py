@@ -173,6 +173,11 @@ def _read_folder(folder: Path, verify: bool = True) -> Checkpoint:
     return Checkpoint(folder, int(meta.get("step", 0)), model_cfg, train_cfg, model_sd, ema_sd, meta)
 
 
+def read_checkpoint(folder: str | Path, verify: bool = True) -> Checkpoint:
+    """The checkpoint in exactly ``folder`` (a run's top level or one ``checkpoints/step_N``), no fallback."""
+    return _read_folder(Path(folder), verify=verify)
+
+
 def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     """The newest complete checkpoint of a run folder: its top level, or else the newest intact
     ``checkpoints/step_N``. Raises :class:`CheckpointError` naming what was wrong when there is none."""
