@@ -34,3 +34,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- bundles shared by the export / pipeline / CLI tests (each export takes seconds: build them once) ------------
+@pytest.fixture(scope="session")
+def diffusers_pipeline_dir(tmp_path_factory):
+    from _bundles import diffusers_unet, save_diffusers_pipeline
+
+    return save_diffusers_pipeline(diffusers_unet(attention=True), tmp_path_factory.mktemp("dpipe") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def diffusers_bundle(diffusers_pipeline_dir, tmp_path_factory):
+    """The attention UNet2DModel pipeline exported with an fp16 graph (dynamic batch)."""
+    from deploy_diff.export import export_bundle, load_diffusers_source
+
+    out = tmp_path_factory.mktemp("dbundle") / "bundle"
+    export_bundle(load_diffusers_source(diffusers_pipeline_dir), out, fp16=True, log=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def diffusers_cond_unet_dir(tmp_path_factory):
+    """A bare class-conditional UNet2DModel folder without attention (config.json + safetensors)."""
+    from _bundles import diffusers_unet
+
+    folder = tmp_path_factory.mktemp("dcond") / "unet"
+    diffusers_unet(attention=False, num_class_embeds=10, seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cond_run_dir(tmp_path_factory):
+    """Our conditional UNet (null label 10), trained for a few steps."""
+    from _bundles import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("run") / "cond", num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def cond_run_bundle(cond_run_dir, tmp_path_factory):
+    from deploy_diff.export import export_bundle, load_run_source
+
+    out = tmp_path_factory.mktemp("rbundle") / "bundle"
+    export_bundle(load_run_source(cond_run_dir), out, log=None)
+    return out

@@ -33,7 +33,7 @@ from ..runtime.bundle import (
     is_bundle,
     sha256_file,
 )
-from .onnx import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, convert_to_fp16, export_onnx, save_onnx
+from .onnx import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, MIN_OPSET, convert_to_fp16, export_onnx, save_onnx
 from .sources import ExportError, ExportSource, example_inputs
 from .validate import check_graph, validate
 
@@ -103,6 +103,8 @@ def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEF
     log = log or (lambda _msg: None)
     if static_batch is not None and (isinstance(static_batch, bool) or int(static_batch) < 1):
         raise ExportError(f"--static-batch must be a positive integer; got {static_batch!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ExportError(f"--opset must be an integer >= {MIN_OPSET}; got {opset!r}")
     check_destination(out)
     trt = None
     if tensorrt:

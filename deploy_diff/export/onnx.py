@@ -15,8 +15,8 @@ import onnx
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_BLOCKED_OPS", "convert_to_fp16", "export_onnx",
-           "save_onnx", "timestep_embedding_nodes"]
+__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_BLOCKED_OPS", "MIN_OPSET", "convert_to_fp16",
+           "export_onnx", "save_onnx", "timestep_embedding_nodes"]
 
 DEFAULT_OPSET = 18   # the oldest opset torch's dynamo exporter implements natively (17 goes through a converter)
 MIN_OPSET = 17

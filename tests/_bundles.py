@@ -1,0 +1,57 @@
+"""Small models and bundles shared by the export, pipeline and CLI tests (built once per session)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+SMALL_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
+                  norm_num_groups=8)
+WITH_ATTENTION = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+NO_ATTENTION = dict(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def diffusers_unet(attention: bool = True, num_class_embeds: int | None = None, out_scale: float = 0.2, seed: int = 0,
+                   **overrides):
+    """A random diffusers UNet2DModel. ``out_scale`` shrinks the output layer so the model behaves like a
+    trained denoiser (small, smooth epsilon): a raw random UNet makes DDIM's deterministic trajectory chaotic,
+    so that a 1e-7 difference between any two correct forwards (even torch vs torch with another thread count)
+    grows to 1e-3 over 50 steps, and no parity bound would mean anything."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    cfg = dict(SMALL_UNET, **(WITH_ATTENTION if attention else NO_ATTENTION), num_class_embeds=num_class_embeds)
+    cfg.update(overrides)
+    model = UNet2DModel(**cfg).eval()
+    with torch.no_grad():
+        model.conv_out.weight.mul_(out_scale)
+        model.conv_out.bias.mul_(out_scale)
+    return model
+
+
+def save_diffusers_pipeline(model, folder: Path, scheduler_kwargs: dict | None = None) -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        DDPMPipeline(unet=model, scheduler=DDPMScheduler(**(scheduler_kwargs or {}))).save_pretrained(folder)
+    return folder
+
+
+def train_tiny_run(folder: Path, num_classes: int = 0, steps: int = 30, prediction_type: str = "epsilon") -> Path:
+    from deploy_diff.train.config import TrainConfig
+    from deploy_diff.train.trainer import Trainer
+    from deploy_diff.train.unet import UNetConfig
+
+    model = UNetConfig(sample_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_heads=2,
+                       num_classes=num_classes)
+    cfg = TrainConfig(steps=steps, batch_size=16, log_every=10, save_every=0, sample_every=0, warmup_steps=5,
+                      device="cpu", prediction_type=prediction_type,
+                      label_dropout=0.2 if num_classes else 0.0)
+    Trainer(model, cfg, folder, progress=False).train()
+    return folder
