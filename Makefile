@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow lint bench clean
+.PHONY: venv test test-slow lint bench demo clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: lint
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
+
+# train -> export -> sample on the built-in digits; writes demo/grid.png and prints a timing table
+demo: venv
+	$(VENV)/bin/deploy-diff demo --out demo
 
 bench: venv
 	$(PY) benchmarks/scheduler_step.py
