@@ -258,9 +258,12 @@ def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         ax_steps.minorticks_off()
     # plain numbers (0.3, 2, 50) rather than 3x10^-1 on the log axes
     axes = [ax_time.xaxis] + ([ax_steps.yaxis, ax_time.yaxis] if log_y else [])
+    def minor(v: float, _pos: Any) -> str:  # label 2x and 5x of each decade
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+
     for axis in axes:
-        axis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
-        axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
     ax_steps.set_xlabel("inference steps")
     ax_steps.set_title("quality vs steps")
     ax_time.set_xlabel(f"wall seconds for {meta['num_images']} images")
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if strips:
         tiles = np.concatenate([np.pad(s, ((0, STRIP - len(s)), (0, 0), (0, 0), (0, 0))) for s in strips])
         scale = max(1, 32 // max(model.sample_size))
-        save_png(image_grid((tiles * 255).round().astype(np.uint8), nrow=STRIP, scale=scale),
+        save_png(image_grid((tiles * 255).round().astype(np.uint8), nrow=STRIP, padding=2, scale=scale),
                  out.with_name(out.name + "_samples.png"))
     print(f"wrote {out}.md, {out}.json, {out}.png, {out}_samples.png", flush=True)
 
