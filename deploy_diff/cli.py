@@ -167,7 +167,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         src = load_diffusers_source(args.from_diffusers, args.scheduler_config)
     manifest = export_bundle(src, args.out, opset=args.opset, fp16=args.fp16, static_batch=args.static_batch,
-                             tensorrt=args.tensorrt, tensorrt_max_batch=args.tensorrt_max_batch)
+                             tensorrt=args.tensorrt, tensorrt_max_batch=args.tensorrt_max_batch,
+                             optimize=not args.no_optimize)
     for precision, report in manifest["export"]["validation"].items():
         print(f"{precision}: max error vs torch {report['max_error']:.2e} (tolerance {report['tolerance']:g}) "
               f"over {len(report['cases'])} batches")
@@ -485,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (needs TensorRT + GPU)")
     p.add_argument("--tensorrt-max-batch", type=int, default=16, help="largest batch of the engine's profile")
+    p.add_argument("--no-optimize", action="store_true", help="keep the graph as exported (no attention fusion "
+                                                              "into ONNX Runtime's MultiHeadAttention)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("sample", help="sample images from a bundle with the torch-free runtime",

@@ -313,3 +313,33 @@ def test_a_bundle_that_was_changed_is_refused(diffusers_bundle, tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(b)
+
+
+def test_a_fused_graph_that_fails_validation_falls_back_to_the_plain_graph(diffusers_pipeline_dir, tmp_path):
+    calls = []
+
+    def tamper(folder):  # break the fused attention only: the plain graph written afterwards must be used
+        calls.append(1)
+        model = onnx.load(str(folder / "unet.onnx"))
+        for node in model.graph.node:
+            if node.op_type == "MultiHeadAttention":
+                for attr in node.attribute:
+                    if attr.name == "scale":
+                        attr.f *= 3.0
+        onnx.save(model, str(folder / "unet.onnx"))
+
+    out = tmp_path / "b"
+    manifest = export_bundle(load_diffusers_source(diffusers_pipeline_dir), out, log=None, _tamper=tamper)
+    opt = manifest["export"]["optimization"]
+    assert calls and opt["attention_fused"] >= 1 and opt["kept"] is False and "differs" in opt["rejected"]
+    ops = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
+    assert "MultiHeadAttention" not in ops and "Softmax" in ops
+    assert manifest["export"]["validation"]["fp32"]["max_error"] <= FP32_TOL
+    load_bundle(out)
+
+
+def test_the_fused_graph_is_kept_when_it_validates(diffusers_bundle):
+    manifest = load_bundle(diffusers_bundle).manifest
+    assert manifest["export"]["optimization"] == {"attention_fused": 4, "kept": True}  # down, up and mid-block
+    ops = {n.op_type for n in onnx.load(str(diffusers_bundle / "unet.onnx")).graph.node}
+    assert "MultiHeadAttention" in ops

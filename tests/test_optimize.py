@@ -27,8 +27,10 @@ def run(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
 
 
 def export(attention: bool):
-    # out_scale=1: the full-size output, so the attention's share of it is not shrunk away
-    module = _DiffusersModule(diffusers_unet(attention=attention, out_scale=1.0), conditional=False).eval()
+    # out_scale=1: the full-size output, so the attention's share of it is not shrunk away; without attention
+    # the mid block's goes too (add_attention)
+    unet = diffusers_unet(attention=attention, out_scale=1.0, add_attention=attention)
+    module = _DiffusersModule(unet, conditional=False).eval()
     example = (torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0]))
     return module, export_onnx(module, example, ["sample", "timestep"])
 

@@ -34,8 +34,9 @@ from ..runtime.bundle import (
     sha256_file,
 )
 from .onnx import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, MIN_OPSET, convert_to_fp16, export_onnx, save_onnx
+from .optimize import count_fused_attention, optimize_graph
 from .sources import ExportError, ExportSource, example_inputs
-from .validate import check_graph, validate
+from .validate import ValidationError, check_graph, validate
 
 __all__ = ["check_destination", "export_bundle"]
 
@@ -90,14 +91,17 @@ def _io_spec(src: ExportSource, batch: int | str) -> tuple[dict, dict]:
 def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                   static_batch: int | None = None, validation_batches: Sequence[int] = (1, 2, 5),
                   tensorrt: bool = False, tensorrt_max_batch: int = 16,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, optimize: bool = True,
                   log: Callable[[str], Any] | None = _log_stderr, _tamper: Callable[[Path], Any] | None = None
                   ) -> dict[str, Any]:
     """Export ``src`` to a validated bundle at ``out``; return the manifest.
 
     ``static_batch`` fixes every shape (needed for CUDA graph capture); ``fp16`` adds ``unet.fp16.onnx``;
-    ``tensorrt`` builds an engine under ``engines/`` (needs TensorRT and a GPU). ``_tamper`` is for tests: it
-    is called on the temporary folder after the graphs are written, before validation.
+    ``tensorrt`` builds an engine under ``engines/`` (needs TensorRT and a GPU). ``optimize`` fuses the fp32
+    graph's attention into ONNX Runtime's ``MultiHeadAttention`` (see :mod:`.optimize`; off with ``tensorrt``,
+    which parses standard ONNX only); the fused graph is kept only if it passes validation, else the plain one
+    is written and validated instead. ``_tamper`` is for tests: it is called on the temporary folder after the
+    graphs are written, before validation.
     """
     out = Path(out)
     log = log or (lambda _msg: None)
@@ -123,8 +127,14 @@ def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEF
         example = example_inputs(src, static_batch or 2, num_train_timesteps=num_train_timesteps)
         model = export_onnx(src.module, example, input_names, opset=opset, dynamic_batch=static_batch is None)
         model16 = convert_to_fp16(model) if fp16 else None   # before saving: external-data saving edits `model`
-        save_onnx(model, tmp / GRAPH_FILES["fp32"], external_data_threshold)
-        del model
+        optimization: dict[str, Any] = {"attention_fused": 0, "kept": False}
+        fused = None
+        if optimize and not tensorrt:
+            fused = optimize_graph(model)
+            optimization["attention_fused"] = count_fused_attention(fused)
+            if not optimization["attention_fused"]:
+                fused = None
+        save_onnx(fused if fused is not None else model, tmp / GRAPH_FILES["fp32"], external_data_threshold)
         if model16 is not None:
             save_onnx(model16, tmp / GRAPH_FILES["fp16"], external_data_threshold)
             del model16
@@ -135,12 +145,27 @@ def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEF
         for precision in ("fp32", "fp16") if fp16 else ("fp32",):
             t1 = time.perf_counter()
             graph = tmp / GRAPH_FILES[precision]
-            check_graph(graph)
             log(f"validating {graph.name} against torch at batch sizes {batches}")
-            validation[precision] = validate(src, graph, precision, batches, num_train_timesteps)
+            try:
+                check_graph(graph)
+                validation[precision] = validate(src, graph, precision, batches, num_train_timesteps)
+                optimization["kept"] = optimization["kept"] or (precision == "fp32" and fused is not None)
+            except ValidationError as e:
+                if precision != "fp32" or fused is None:
+                    raise
+                # the optimisation broke something: fall back to the graph as exported, which must pass
+                log(f"  the fused graph failed validation ({e}); writing the unfused graph instead")
+                optimization["rejected"] = str(e)
+                fused = None
+                for stale in tmp.glob(GRAPH_FILES["fp32"] + "*"):
+                    stale.unlink()
+                save_onnx(model, graph, external_data_threshold)
+                check_graph(graph)
+                validation[precision] = validate(src, graph, precision, batches, num_train_timesteps)
             timings[f"validate_{precision}_s"] = time.perf_counter() - t1
             log(f"  max error {validation[precision]['max_error']:.2e} "
                 f"(tolerance {validation[precision]['tolerance']:g})")
+        del model, fused
         (tmp / SCHEDULER_FILE).write_text(json.dumps(src.scheduler_config, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
         engines = []
@@ -168,6 +193,7 @@ def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEF
             "files": files,
             "engines": engines,
             "export": {"opset": opset, "precisions": list(validation), "validation": validation,
+                       "optimization": optimization,
                        "seconds": {k: round(v, 3) for k, v in timings.items()},
                        "deploy_diff_version": __version__, "torch_version": torch.__version__,
                        "onnx_version": onnx.__version__, "onnxruntime_version": _ort_version(),
