@@ -6,14 +6,16 @@ static-batch graph is split into chunks, a smaller one padded (and the padding d
 
 CPU: ``session.run`` (thread-safe: one runner serves several threads at once). CUDA: IO binding into
 device-resident output buffers; with ``cuda_graph=True`` (static-batch graphs only) the first call captures a
-CUDA graph over fixed input/output buffers and later calls replay it, serialised by a lock.
+CUDA graph over fixed input/output buffers and later calls replay it. ONNX Runtime keeps captured graphs per
+thread, so capture and replays all run on one worker thread owned by the runner: calls from any number of
+threads are queued there, one at a time.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,15 @@ class OnnxRuntimeRunner:
         device_id = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
         if providers is None:
             providers = default_providers(device, cuda_graph, device_id)
+        else:  # explicit providers: honour cuda_graph, and take the device id from the CUDA options
+            providers = list(providers)
+            for i, p in enumerate(providers):
+                name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+                if name == "CUDAExecutionProvider":
+                    if cuda_graph:
+                        opts["enable_cuda_graph"] = "1"
+                    device_id = int(opts.get("device_id", device_id))
+                    providers[i] = (name, opts)
         names = [p if isinstance(p, str) else p[0] for p in providers]
         available = ort.get_available_providers()
         missing = [n for n in names if n not in available]
@@ -95,6 +106,11 @@ class OnnxRuntimeRunner:
         if not self.path.is_file():
             raise FileNotFoundError(f"no ONNX graph at {self.path}")
         self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers))
+        active = self.session.get_providers()
+        if self.on_cuda and (not active or active[0] != "CUDAExecutionProvider"):
+            raise RuntimeError(f"ONNX Runtime could not start the CUDA provider (the session fell back to {active}); "
+                               "check the CUDA/cuDNN libraries onnxruntime-gpu needs (onnxruntime.preload_dlls() "
+                               "can load those of an installed torch)")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self._in_types = {i.name: _DTYPES.get(i.type) for i in self.session.get_inputs()}
         self._in_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
@@ -111,8 +127,11 @@ class OnnxRuntimeRunner:
                              "batch puts shape computations on the CPU, which blocks capture")
         self.cuda_graph = cuda_graph
         self.conditional = "class_labels" in self.input_names
-        self._lock = threading.Lock()
         self._bound: dict[str, Any] | None = None  # fixed device buffers of the CUDA graph
+        # ONNX Runtime keeps a captured CUDA graph per thread: capture and every replay run on one worker thread,
+        # which also serialises the calls that share the fixed buffers
+        self._graph_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-cuda-graph") \
+            if cuda_graph else None
 
     @classmethod
     def from_bundle(cls, bundle, precision: str = "fp32", **kwargs) -> OnnxRuntimeRunner:
@@ -174,9 +193,8 @@ class OnnxRuntimeRunner:
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if not self.on_cuda:
             out = self.session.run([self.output_name], feeds)[0]
-        elif self.cuda_graph:
-            with self._lock:
-                out = self._run_cuda_graph(feeds)
+        elif self._graph_thread is not None:
+            out = self._graph_thread.submit(self._run_cuda_graph, feeds).result()
         else:
             binding = self.session.io_binding()
             for name, value in feeds.items():
