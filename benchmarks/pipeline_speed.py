@@ -40,15 +40,21 @@ MODELS = {
                   up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
 }
 
+OUT_SCALE = {"digits": 0.2, "cifar": 0.02}
+
 
 def build(name: str, root: Path) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(**MODELS[name]).eval()
-    with torch.no_grad():  # a trained denoiser's output is small and smooth; keeps DDIM's trajectory well-posed
-        unet.conv_out.weight.mul_(0.2)
-        unet.conv_out.bias.mul_(0.2)
+    # Random weights make DDIM's 50-step trajectory chaotic: on the CIFAR layout even diffusers' scheduler against
+    # ours, both driving the same torch UNet, end 7e-3 apart (1e-7 of float32 rounding, amplified), so "equal
+    # outputs" would mean nothing. A small output layer (eps std 0.007 on CIFAR, 0.07 on digits) keeps the
+    # trajectory well-posed; the speed does not depend on the values.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(OUT_SCALE[name])
+        unet.conv_out.bias.mul_(OUT_SCALE[name])
     params = sum(p.numel() for p in unet.parameters())
     folder = root / name
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
