@@ -331,3 +331,52 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "deploy_diff.json").write_text("{")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tmp_path)
+
+
+def _rehash(bundle_dir):
+    from deploy_diff.runtime.bundle import sha256_file
+
+    manifest = json.loads((bundle_dir / "deploy_diff.json").read_text())
+    for name, entry in manifest["files"].items():
+        entry.update(sha256=sha256_file(bundle_dir / name), bytes=(bundle_dir / name).stat().st_size)
+    (bundle_dir / "deploy_diff.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_graph_that_is_not_onnx_is_a_clear_error(diffusers_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(diffusers_bundle, b)
+    data = (b / "unet.onnx").read_bytes()
+    (b / "unet.onnx").write_bytes(data[: len(data) // 3])  # truncated, with a manifest that agrees
+    _rehash(b)
+    with pytest.raises(ValueError, match="ONNX Runtime cannot load"):
+        Pipeline.from_bundle(b)
+
+
+def test_a_graph_that_differs_from_its_manifest_is_refused(diffusers_bundle, cond_run_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(diffusers_bundle, b)
+    shutil.copy(cond_run_bundle / "unet.onnx", b / "unet.onnx")  # a conditional graph in an unconditional bundle
+    _rehash(b)
+    with pytest.raises(BundleError, match="graph's inputs"):
+        Pipeline.from_bundle(b)
+
+
+def test_huge_sizes_in_a_manifest_are_refused_before_allocating(diffusers_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(diffusers_bundle, b)
+    manifest = json.loads((b / "deploy_diff.json").read_text())
+    manifest["model"]["sample_size"] = [10**6, 10**6]
+    (b / "deploy_diff.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="out of range"):
+        load_bundle(b)
+
+
+def test_symlinks_leaving_the_bundle_are_refused(diffusers_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(diffusers_bundle, b)
+    (tmp_path / "outside.json").write_text((b / "scheduler_config.json").read_text())
+    (b / "scheduler_config.json").unlink()
+    (b / "scheduler_config.json").symlink_to(tmp_path / "outside.json")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(b)

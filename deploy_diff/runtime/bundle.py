@@ -31,6 +31,8 @@ BUNDLE_FORMAT = "deploy-diff/bundle"
 BUNDLE_FORMAT_VERSION = 1
 GRAPH_FILES = {"fp32": "unet.onnx", "fp16": "unet.fp16.onnx"}
 SCHEDULER_FILE = "scheduler_config.json"
+MAX_SIDE = 8192        # sizes a manifest may claim: checked before any array is allocated from them
+MAX_CHANNELS = 1024
 
 
 class BundleError(ValueError):
@@ -74,6 +76,11 @@ class ModelInfo:
             names = tuple(inputs)
             if len(outputs) != 1:
                 raise BundleError(f"the manifest's model.outputs must name one output; got {list(outputs)}")
+            if min(size) < 1 or max(size) > MAX_SIDE or not 1 <= int(model["in_channels"]) <= MAX_CHANNELS \
+                    or not 1 <= int(model["out_channels"]) <= 2 * MAX_CHANNELS:
+                raise BundleError(f"the manifest's model sizes are out of range (sample_size {size}, channels "
+                                  f"{model['in_channels']} -> {model['out_channels']}; at most {MAX_SIDE} px and "
+                                  f"{MAX_CHANNELS} channels): refused before allocating anything")
             null = model.get("null_class_label")
             class_names = model.get("class_names")
             return cls(sample_size=size, in_channels=int(model["in_channels"]),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, ModelInfo, load_bundle
+from .bundle import Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
 from .rng import TorchGenerator
 from .sampling import sample
@@ -36,6 +36,21 @@ def _seed_value(seed: Any, what: str = "seed") -> int:
     if seed < 0:
         raise ValueError(f"{what} must be >= 0; got {seed}")
     return int(seed)
+
+
+def _check_runner_matches(runner: Any, bundle: Bundle) -> None:
+    """The graph must take what the manifest says (a hand-edited bundle could pair them wrongly)."""
+    m = bundle.model
+    names = tuple(getattr(runner, "input_names", ()) or ())
+    if names and set(names) != set(m.input_names):
+        raise BundleError(f"{bundle.path}: the graph's inputs {list(names)} differ from the manifest's "
+                          f"{list(m.input_names)}")
+    shape = getattr(runner, "sample_shape", None)
+    if shape is not None:
+        want = (m.in_channels, *m.sample_size)
+        if any(d is not None and d != w for d, w in zip(shape, want)):
+            raise BundleError(f"{bundle.path}: the graph takes samples [B, {', '.join(map(str, shape))}] but the "
+                              f"manifest says [B, {', '.join(map(str, want))}]")
 
 
 class Pipeline:
@@ -89,6 +104,7 @@ class Pipeline:
             runner = TensorRTRunner(wanted[0], device_id=device_id)
         else:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        _check_runner_matches(runner, bundle)
         return cls(runner, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle)
 
     # -- pieces -------------------------------------------------------------------------------------------

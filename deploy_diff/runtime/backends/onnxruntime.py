@@ -105,7 +105,12 @@ class OnnxRuntimeRunner:
             opts.inter_op_num_threads = 1
         if not self.path.is_file():
             raise FileNotFoundError(f"no ONNX graph at {self.path}")
-        self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own types (Fail, InvalidProtobuf, ...) for bad graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"ONNX Runtime cannot load {self.path} (truncated, not an ONNX graph, or made for "
+                             f"a newer ONNX Runtime?): {first}") from None
         active = self.session.get_providers()
         if self.on_cuda and (not active or active[0] != "CUDAExecutionProvider"):
             raise RuntimeError(f"ONNX Runtime could not start the CUDA provider (the session fell back to {active}); "
