@@ -26,8 +26,9 @@ test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
 
 # train -> export -> sample on the built-in digits; writes demo/grid.png and prints a timing table
+DEMO_ARGS ?=
 demo: venv
-	$(VENV)/bin/deploy-diff demo --out demo
+	$(VENV)/bin/deploy-diff demo --out demo $(DEMO_ARGS)
 
 bench: venv
 	$(PY) benchmarks/scheduler_step.py
