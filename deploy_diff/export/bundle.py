@@ -54,6 +54,31 @@ def check_destination(out: Path) -> None:
                           "overwrite it. Choose a new path or an existing bundle")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale_leftovers(out: Path) -> None:
+    """A killed export (SIGKILL, power loss) cannot clean up: remove the hidden ``.NAME.partial-PID-*`` and
+    ``.NAME.old-PID-*`` folders beside ``out`` whose process is gone. A kill between the two renames of
+    :func:`_install` leaves the previous bundle in an ``old`` folder and none at ``out``: it is moved back."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("partial", "old") and pid.isdigit() and p.is_dir() and not _pid_alive(int(pid)):
+            if kind == "old" and not out.exists() and is_bundle(p / "bundle"):
+                os.replace(p / "bundle", out)  # killed between the two renames: put the previous bundle back
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
@@ -66,7 +91,7 @@ def _install(tmp: Path, out: Path) -> None:
     check_destination(out)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
         os.replace(out, old / "bundle")
     try:
         os.replace(tmp, out)
@@ -119,7 +144,8 @@ def export_bundle(src: ExportSource, out: str | os.PathLike, *, opset: int = DEF
     input_names = ["sample", "timestep"] + (["class_labels"] if src.conditional else [])
     batches = [int(static_batch)] if static_batch else [int(b) for b in validation_batches]
     timings: dict[str, float] = {}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    _remove_stale_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
     try:
         t0 = time.perf_counter()
         shapes = f"static batch {static_batch}" if static_batch else "dynamic batch"
