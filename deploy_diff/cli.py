@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,10 @@ def _cmd_schedules(args: argparse.Namespace) -> int:
 
     from .runtime.schedules import DIFFUSERS_SCHEDULES, SCHEDULES, alphas_cumprod_from_betas, get_betas
 
+    if args.num_train_timesteps < 1:
+        raise ValueError(f"-T/--num-train-timesteps must be >= 1; got {args.num_train_timesteps}")
+    if not (0 < args.beta_start < 1 and 0 < args.beta_end < 1):
+        raise ValueError(f"--beta-start and --beta-end must lie in (0, 1); got {args.beta_start}, {args.beta_end}")
     rows = []
     for name in SCHEDULES:
         try:
@@ -55,7 +60,10 @@ def _cmd_timesteps(args: argparse.Namespace) -> int:
 
     from .runtime.schedulers import load_scheduler, scheduler_from_name
 
-    overrides = json.loads(args.set) if args.set else {}
+    try:
+        overrides = json.loads(args.set) if args.set else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--set is not valid JSON ({e}); e.g. '{{\"timestep_spacing\": \"trailing\"}}'") from None
     if not isinstance(overrides, dict):
         raise ValueError("--set takes a JSON object, e.g. '{\"timestep_spacing\": \"trailing\"}'")
     if args.config:
@@ -229,12 +237,19 @@ def _class_list(text: str) -> list[int]:
 def _cmd_sample(args: argparse.Namespace) -> int:
     """Sample with the torch-free runtime; write a PNG grid (or an .npz with --npz)."""
     import time
+    from pathlib import Path
 
     import numpy as np
 
     from .runtime._fileio import atomic_open
     from .runtime.images import image_grid, save_png
     from .runtime.pipeline import Pipeline
+
+    for flag in ("nrow", "scale"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'grid.png'}")
 
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, scheduler=args.scheduler,
                                 precision=args.precision, num_threads=args.threads, cuda_graph=args.cuda_graph)
@@ -275,6 +290,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.bench import cold_start, diffusers_baseline, dumps, time_call, time_pipeline
     from .runtime.pipeline import Pipeline
 
+    if args.repeats < 1 or args.steps < 1 or not args.batch or min(args.batch) < 1:
+        raise ValueError(f"--repeats, --steps and every --batch size must be >= 1; got --repeats {args.repeats}, "
+                         f"--steps {args.steps}, --batch {args.batch}")
     pipe = Pipeline.from_bundle(args.bundle, scheduler=args.scheduler, num_threads=args.threads,
                                 device=args.device, precision=args.precision)
     bundle = pipe.bundle
@@ -328,6 +346,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from .runtime.schedulers import SCHEDULER_NAMES
+
+    if args.scheduler.lower() not in SCHEDULER_NAMES:  # checked before minutes of training, not after
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; expected one of {list(SCHEDULER_NAMES)}")
+    if args.sample_steps < 1 or args.steps < 1:
+        raise ValueError(f"--steps and --sample-steps must be >= 1; got {args.steps}, {args.sample_steps}")
     out = Path(args.out)
     run_dir, bundle_dir = out / "run", out / "bundle"
     timings: list[tuple[str, float, str]] = []
@@ -407,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"deploy-diff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_parser = sub.add_parser
+
+    def add_parser(*a, **kw):  # every subcommand also takes --debug after its name
+        p = _add_parser(*a, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        return p
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("schedules", help="list the beta schedules with their terminal SNR")
     p.add_argument("-T", "--num-train-timesteps", type=int, default=1000)
@@ -569,7 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one readable line unless --debug
         if args.debug:
             raise
-        print(f"deploy-diff {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # no terminal colour codes from library messages
+        print(f"deploy-diff {args.command}: error: {type(e).__name__}: {text}", file=sys.stderr)
         return 1
 
 

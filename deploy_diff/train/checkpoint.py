@@ -202,7 +202,14 @@ def read_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
     try:
         return torch.load(ckpt.path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{ckpt.path / STATE_FILE} is unreadable: {e}") from None
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        unsafe = next((ln.strip() for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), None)
+        if unsafe is not None or "weights_only" in str(e):
+            # never echo torch's advice to retry with weights_only=False: that would run the file's code
+            raise CheckpointError(f"{ckpt.path / STATE_FILE} holds objects other than tensors and plain data, so "
+                                  f"it was refused (no code in it ran): {unsafe or 'not loadable safely'}") from None
+        raise CheckpointError(f"{ckpt.path / STATE_FILE} is unreadable: {lines[0] if lines else type(e).__name__}") \
+            from None
 
 
 def is_checkpoint_folder(path: str | Path) -> bool:
