@@ -135,9 +135,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, ema_sd: dict
     for old in steps[: max(0, len(steps) - max(1, keep_last))]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for junk in ckpts.glob(".tmp-*"):  # leftovers of a save that was killed
+    for junk in [*ckpts.glob(".tmp-*"), *ckpts.glob(".old-step_*")]:  # leftovers of a save that was killed
         shutil.rmtree(junk, ignore_errors=True)
+    remove_stale_temp_files(run)
     return final
+
+
+def remove_stale_temp_files(run: Path) -> None:
+    """Remove the hidden ``.NAME.HEX.tmp`` files a killed process left at a run's top level (staged checkpoint
+    copies, metrics.jsonl / loss.png rewrites). Only the names this package writes; never anything else."""
+    names = HASHED_FILES + (CONFIG_FILE, "metrics.jsonl", "loss.png")
+    for name in names:
+        for junk in run.glob(f".{name}.*.tmp"):
+            if junk.is_file():
+                junk.unlink(missing_ok=True)
 
 
 def _read_folder(folder: Path, verify: bool = True) -> Checkpoint:
@@ -185,11 +196,19 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     if not run.is_dir():
         raise CheckpointError(f"{run} is not a folder")
     problems = []
-    candidates = [run]
+    ranked: list[tuple[int, int, Path]] = []   # (step, top level first on a tie, folder)
+    try:
+        top_step = int(json.loads((run / CONFIG_FILE).read_text(encoding="utf-8")).get("step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        top_step = -1  # unreadable: still tried, last
+    ranked.append((top_step, 1, run))
     ckpts = run / "checkpoints"
     if ckpts.is_dir():
-        candidates += sorted((p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
-    for folder in candidates:
+        for p in ckpts.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+                ranked.append((int(p.name[5:]), 0, p))
+    # newest first: a save killed between its step folder and the top-level copies leaves the newer step folder
+    for _, _, folder in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
         try:
             return _read_folder(folder)
         except CheckpointError as e:
