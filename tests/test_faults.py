@@ -231,8 +231,8 @@ def test_train_killed_three_times_at_random_moments_resumes_and_finishes(tmp_pat
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(run_dir, tmp_path, capsys):
     """A kill while a run's top-level files are written (metrics.jsonl and loss.png by temp file + rename, the
     checkpoint's files staged as `.NAME.HEX.tmp` first) leaves hidden temp files. The run still loads and resumes,
-    and the next save should remove them, as it removes `checkpoints/.tmp-*`; they stay forever (a staged
-    trainer_state.pt is as large as the optimizer state). Seen in the kill test above."""
+    and the next save removes them (a staged trainer_state.pt is as large as the optimizer state), as it removes
+    `checkpoints/.tmp-*`."""
     run, s = copy_run(run_dir, tmp_path)
     for name in (".metrics.jsonl.k7x2m9qa.tmp", ".loss.png.3hd8s0pz.tmp", ".trainer_state.pt.0badf00d.tmp"):
         (run / name).write_bytes(b"half written")
@@ -273,9 +273,8 @@ def test_save_failing_before_the_top_level_changes_keeps_both_checkpoints(run_di
 
 
 def test_save_failing_before_the_top_level_changes_resumes_from_the_newest_checkpoint(run_dir, tmp_path, monkeypatch):
-    """The same failed save (or a kill at that moment): `--resume` should continue from the newest complete
-    checkpoint, step N in `checkpoints/step_N`; it continues from the previous save and trains the steps in
-    between again."""
+    """The same failed save (or a kill at that moment): `--resume` continues from the newest complete
+    checkpoint, step N in `checkpoints/step_N` (newer than the intact top level), not from the save before it."""
     run, s = copy_run(run_dir, tmp_path)
     assert fail_before_the_top_level_changes(run, s + 2, monkeypatch) == 1
     assert find_checkpoint(run).step == s + 2
@@ -314,8 +313,8 @@ def test_save_failing_while_the_top_level_is_replaced_falls_back_to_the_step_fol
 def test_save_killed_while_swapping_a_step_folder_leaves_no_junk(run_dir, tmp_path):
     """A kill between the two renames that replace an existing `checkpoints/step_N` (the same step saved again, e.g.
     `train --resume` at its final step) leaves the old folder as hidden `.old-step_N-*` and the new one as
-    `.tmp-step_N-*`. The run still loads (its top level); the next save should remove both leftovers. It removes
-    the `.tmp` one only: the `.old` one (a whole checkpoint's worth of disk) stays forever."""
+    `.tmp-step_N-*`. The run still loads (its top level); the next save removes both leftovers (the `.old` one
+    is a whole checkpoint's worth of disk)."""
     run, s = copy_run(run_dir, tmp_path)
     ckpts = run / "checkpoints"
     shutil.copytree(step_dir(run, s), ckpts / f".tmp-{step_dir(run, s).name}-0badf00d")
@@ -504,9 +503,8 @@ def test_sample_on_a_full_disk_or_in_a_read_only_folder(bundle, tmp_path, monkey
 
 
 def test_sample_write_error_names_the_file(bundle, tmp_path, monkeypatch, capsys):
-    """`deploy-diff sample --out grid.png` on a full disk: the one error line should name the file that could not be
-    written (`... No space left on device: '.../grid.png'`); it says only `OSError: [Errno 28] No space left on
-    device`."""
+    """`deploy-diff sample --out grid.png` on a full disk: the one error line names the file that could not be
+    written (`... No space left on device: '.../grid.png'`)."""
     from deploy_diff.runtime import _fileio, images
 
     @contextlib.contextmanager
