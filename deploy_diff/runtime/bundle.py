@@ -70,6 +70,8 @@ class ModelInfo:
     def from_manifest(cls, model: dict[str, Any]) -> ModelInfo:
         try:
             size = model["sample_size"]
+            if isinstance(size, bool) or not (isinstance(size, int) or (isinstance(size, list) and len(size) == 2)):
+                raise BundleError(f"the manifest's model.sample_size must be an int or [height, width]; got {size!r}")
             size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
             inputs = model["inputs"]
             outputs = model["outputs"]
@@ -90,7 +92,7 @@ class ModelInfo:
                        static_batch=None if model.get("static_batch") is None else int(model["static_batch"]),
                        input_names=names, output_name=next(iter(outputs)),
                        class_names=None if class_names is None else tuple(str(c) for c in class_names))
-        except (KeyError, TypeError, ValueError, StopIteration) as e:
+        except (KeyError, TypeError, ValueError, StopIteration, OverflowError, AttributeError) as e:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(f"the manifest's `model` section is malformed ({type(e).__name__}: {e})") from None
@@ -123,8 +125,15 @@ class Bundle:
         return self.path / SCHEDULER_FILE
 
     def scheduler_config(self) -> dict[str, Any]:
-        with open(self.scheduler_config_path, encoding="utf-8") as f:
-            return json.load(f)
+        path = self.scheduler_config_path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise BundleError(f"{path} is not a readable JSON scheduler config ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict):
+            raise BundleError(f"{path} must hold a JSON object (a diffusers scheduler config); got "
+                              f"{type(data).__name__}")
+        return data
 
     @property
     def engines(self) -> list[Path]:
@@ -168,8 +177,9 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
                           "RUN_DIR --out BUNDLE`)")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is corrupt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the bundle is "
+                          "corrupt") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{mpath} must hold a JSON object")
     if manifest.get("format") != BUNDLE_FORMAT:
@@ -182,13 +192,16 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{mpath} has no `files` table")
     for name, entry in files.items():
-        full = _safe_relpath(root, name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise BundleError(f"{mpath}: the entry for {name!r} needs a sha256")
-        if not full.is_file():
-            raise BundleError(f"bundle {root} is missing {name} (listed in its manifest)")
-        if verify:
+        try:
+            full = _safe_relpath(root, name)
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+                raise BundleError(f"{mpath}: the entry for {name!r} needs a sha256")
+            if not full.is_file():
+                raise BundleError(f"bundle {root} is missing {name} (listed in its manifest)")
             size = full.stat().st_size
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise BundleError(f"{mpath}: cannot use the entry {name[:80]!r}: {e.strerror or e}") from None
+        if verify:
             if "bytes" in entry and size != entry["bytes"]:
                 raise BundleError(f"{full} has {size} bytes, the manifest says {entry['bytes']}: the file is torn "
                                   "or was changed after export")

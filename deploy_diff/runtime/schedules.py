@@ -115,10 +115,16 @@ def karras_betas(num_train_timesteps: int, sigma_min: float = 0.002, sigma_max: 
     return 1.0 - alphas_cumprod / prev
 
 
+MAX_TRAIN_TIMESTEPS = 1_000_000   # beyond any trained model; bounds allocations (and Python loops) by config
+
+
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, Algorithm 1), float64."""
     alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
     a0, aT = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    if not a0 - aT > 0:
+        raise ValueError("rescale_betas_zero_snr needs a schedule whose alphas_cumprod falls from the first to the "
+                         f"last timestep (here {a0**2:.6g} -> {aT**2:.6g}): use more timesteps or nonzero betas")
     alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
     alphas_bar = alphas_bar_sqrt**2
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
@@ -138,8 +144,13 @@ def get_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, be
     ``trained_betas``, when given, wins over ``beta_schedule`` (as in diffusers).
     """
     if not isinstance(num_train_timesteps, (int, np.integer)) or isinstance(num_train_timesteps, bool) \
-            or num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be a positive int; got {num_train_timesteps!r}")
+            or not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS}]; got "
+                         f"{num_train_timesteps!r}")
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
     T = int(num_train_timesteps)
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float64).reshape(-1)

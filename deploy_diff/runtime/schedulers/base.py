@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -127,6 +128,9 @@ def check_choice(name: str, value: Any, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
 
 
+MIN_ALPHAS_CUMPROD = 1e-30  # sigma_max 1e15; diffusers' own schedules end at 1e-5 .. 1e-18 (linear, T=4000)
+
+
 class BaseScheduler:
     """Shared machinery. Subclasses define ``__init__`` (decorated with ``@register_to_config``),
     ``set_timesteps`` and ``step``."""
@@ -220,6 +224,11 @@ class BaseScheduler:
         self.betas = rescale_zero_terminal_snr(self._raw_betas) if rescale_betas_zero_snr else self._raw_betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        if not rescale_betas_zero_snr and not self.alphas_cumprod[-1] >= MIN_ALPHAS_CUMPROD:
+            sigma_max = math.sqrt((1 - self.alphas_cumprod[-1]) / max(self.alphas_cumprod[-1], 1e-300))
+            raise ValueError(f"this schedule's alphas_cumprod underflows to {self.alphas_cumprod[-1]:.3g} at the last "
+                             f"training timestep (sigma_max {sigma_max:.3g}): no sampler stays finite there. Use fewer "
+                             "timesteps, smaller betas, or rescale_betas_zero_snr=True for a zero terminal SNR")
         self.num_inference_steps: int | None = None
 
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
@@ -251,6 +260,9 @@ class BaseScheduler:
             check_choice("timestep_spacing", c["timestep_spacing"], TIMESTEP_SPACINGS)
         if "steps_offset" in c and (not isinstance(c["steps_offset"], (int, np.integer)) or c["steps_offset"] < 0):
             raise ValueError(f"steps_offset must be a non-negative int; got {c['steps_offset']!r}")
+        for key in ("dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value"):
+            if key in c and (isinstance(c[key], bool) or not isinstance(c[key], (int, float, np.integer, np.floating))):
+                raise ValueError(f"{key} must be a number; got {c[key]!r}")
         for key in ("dynamic_thresholding_ratio",):
             if key in c and not 0 < c[key] <= 1:
                 raise ValueError(f"{key} must lie in (0, 1]; got {c[key]!r}")

@@ -141,7 +141,10 @@ class DDPMScheduler(BaseScheduler):
         self._check_x0(x0, t, a_t)
 
         # eq. (7): posterior mean coefficients of x_0 and x_t
-        prev = (a_prev**0.5 * cur_beta / b_t) * x0 + (cur_alpha**0.5 * b_prev / b_t) * sample
+        if b_t > 0:
+            prev = (a_prev**0.5 * cur_beta / b_t) * x0 + (cur_alpha**0.5 * b_prev / b_t) * sample
+        else:  # beta = 0 up to t (beta_start=0): x_t is x_0 itself, the posterior is exact
+            prev = x0
         if t > 0:
             noise = self._noise(model_output.shape, generator, model_output.dtype)
             variance = self._get_variance(t, predicted_variance)
