@@ -247,7 +247,7 @@ def test_class_label_rules(diffusers_bundle, cond_run_bundle, diffusers_cond_une
 @pytest.mark.parametrize("kw, err, match", [
     (dict(num_images=0), ValueError, "num_images"),
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
-    (dict(seed=-1), ValueError, "seed must be >= 0"),
+    (dict(seed=-1), ValueError, r"seed must lie in \[0, 2\*\*64\)"),
     (dict(seed="a"), TypeError, "seed must be an int"),
     (dict(seed=[1, 2], num_images=3), ValueError, "2 seeds for num_images=3"),
     (dict(output_type="tensor"), ValueError, "output_type"),

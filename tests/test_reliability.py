@@ -138,7 +138,7 @@ CLI_CASES = [
     (["sample", "{uncond}", "--guidance", "2", "--steps", "2", *_SAMPLE], "pass guidance_scale=None"),
     (["sample", "{cond}", "--class", "11", "--steps", "2", *_SAMPLE], "class_labels must lie in 0..9"),
     (["sample", "{cond}", "-n", "0", "--steps", "2", *_SAMPLE], "num_images must be a positive int"),
-    (["sample", "{cond}", "--seed", "-1", "--steps", "2", *_SAMPLE], "seed must be >= 0"),
+    (["sample", "{cond}", "--seed", "-1", "--steps", "2", *_SAMPLE], "seed must lie in [0, 2**64)"),
     (["sample", "{cond}", "--guidance", "nan", "--steps", "2", *_SAMPLE], "guidance_scale must be a finite number"),
     (["sample", "{cond}", "--eta", "0.5", "--scheduler", "euler", "--steps", "2", *_SAMPLE], "only used by DDIM"),
     (["sample", "{cond}", "--threads", "0", "--steps", "2", *_SAMPLE], "num_threads must be a positive integer"),

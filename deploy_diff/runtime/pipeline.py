@@ -28,13 +28,14 @@ from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 __all__ = ["BACKENDS", "Pipeline"]
 
 BACKENDS = ("onnxruntime", "tensorrt")
+MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
 
 
 def _seed_value(seed: Any, what: str = "seed") -> int:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"{what} must be an int (or a list of ints, one per image); got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"{what} must be >= 0; got {seed}")
+    if not 0 <= seed < 2**64:  # torch.Generator.manual_seed's range; larger ones would alias smaller ones
+        raise ValueError(f"{what} must lie in [0, 2**64); got {seed}")
     return int(seed)
 
 
@@ -185,9 +186,12 @@ class Pipeline:
         if output_type not in ("np", "uint8", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; expected 'np', 'uint8', 'pil' or 'latent'")
         n = int(num_images)
+        m = self.model
+        if n * m.in_channels * m.sample_size[0] * m.sample_size[1] > MAX_ELEMENTS:
+            raise ValueError(f"num_images={n} asks for more than {MAX_ELEMENTS:,} latent values in one call; sample "
+                             "in smaller batches")
         labels, null = self._labels(class_labels, guidance_scale, n)
         generator = self._generators(seed, n)
-        m = self.model
         shape = (n, m.in_channels, m.sample_size[0], m.sample_size[1])
         x = sample(self.runner, self.make_scheduler(), shape, num_inference_steps=int(num_inference_steps),
                    generator=generator, guidance_scale=guidance_scale, class_labels=labels, null_class_label=null,

@@ -47,6 +47,10 @@ def _as_labels(class_labels: Any, batch: int) -> np.ndarray:
     return labels
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _step_parameters(scheduler: Any) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
@@ -84,7 +88,7 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
 
     # -- conditioning ----------------------------------------------------------------------------------
     if guidance_scale is not None:
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        if not _is_real(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 or None; got {guidance_scale!r}")
         if null_class_label is None:
             raise ValueError("guidance_scale needs a model trained with label dropout (a null class label); "
@@ -104,7 +108,7 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
 
     step_params = _step_parameters(scheduler)
     step_kwargs: dict[str, Any] = {}
-    if eta is None or not np.isfinite(eta) or eta < 0:
+    if eta is None or not _is_real(eta) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
     if "eta" in step_params:
         step_kwargs["eta"] = float(eta)

@@ -143,6 +143,9 @@ class DPMSolverMultistepScheduler(BaseScheduler):
                              "epsilon / v_prediction / sample UNets")
         self._validate_common()
         # the same aliases diffusers maps (configs of DEIS / UniPC), recorded as the canonical value
+        for name, value in (("algorithm_type", algorithm_type), ("solver_type", solver_type)):
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string; got {value!r}")
         if algorithm_type in _ALGORITHM_ALIASES:
             algorithm_type = self._config["algorithm_type"] = _ALGORITHM_ALIASES[algorithm_type]
         if solver_type in _SOLVER_ALIASES:
