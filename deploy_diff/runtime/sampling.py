@@ -21,8 +21,9 @@ __all__ = ["NonFiniteError", "sample"]
 Runner = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
-class NonFiniteError(FloatingPointError):
-    """A model output or a sample became NaN or infinite (fp16 overflow is the usual cause)."""
+class NonFiniteError(FloatingPointError, ValueError):
+    """A model output or a sample became NaN or infinite (fp16 overflow is the usual cause), or given latents
+    hold NaN/inf (then it is bad input, hence also a ValueError)."""
 
 
 def _check_finite(x: np.ndarray, what: str, step: int, t: Any) -> None:
