@@ -11,10 +11,10 @@ Properties:
 * ``Pipeline.__call__``: valid arguments give images of the right shape, dtype and range; a call with any
   invalid argument is refused with ValueError / TypeError before the model runs.
 
-Each bug this fuzzing found is pinned by a strict xfail test (reason ``BUG: ...``) at the end of its section.
-The random tests tolerate exactly those bugs' signatures (``KNOWN_BUGS``: exception type + the deploy_diff
-function that raised it) or do not draw their inputs, so they keep looking for new ones; when a bug is fixed its
-xfail test XPASSes (strict) and the marker (and the tolerance) must go.
+Each bug this fuzzing found has its own test after its section; all are fixed except one minor one (S6), pinned
+by a strict xfail (reason ``BUG: ...``). ``KNOWN_BUGS`` (exception type + the deploy_diff function that raised
+it) is where a newly found bug's signature goes while it is open, so the random tests keep looking for others;
+it is empty now.
 """
 
 from __future__ import annotations
