@@ -124,14 +124,16 @@ CLASS_OPTIONS = {
 }
 # refusals the schedulers document (where diffusers returns NaN or fails); any other ValueError is a finding
 DOCUMENTED_REFUSALS = ("zero terminal SNR", "repeats a sigma", "repeated timesteps", "zero or non-finite noise level",
-                       "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset", "iddpm_linear")
+                       "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset", "iddpm_linear",
+                       # fixes of S2 / S3: a schedule that cannot be rescaled to zero SNR, or that underflows
+                       "rescale_betas_zero_snr needs a schedule", "alphas_cumprod underflows")
 
 
 @st.composite
 def valid_configs(draw, name: str) -> dict:
     params = set(SCHEDULER_CLASSES[name]._init_parameters())
     T = draw(st.just(1000) | st.integers(1, 2000))
-    beta_start = draw(st.floats(1e-5, 1e-2))  # 0 is documented as valid: see test_zero_beta_start (BUG S1)
+    beta_start = draw(st.just(0.0) | st.floats(1e-5, 1e-2))  # [0, 1) is documented; 0 was bug S1
     cfg = {"num_train_timesteps": T, "beta_start": beta_start,
            # beta_end < beta_start (decreasing betas) is a valid schedule, accepted as diffusers does
            "beta_end": draw(st.floats(beta_start, 0.05) | st.floats(1e-5, 0.05))}
@@ -143,8 +145,6 @@ def valid_configs(draw, name: str) -> dict:
         kind = draw(st.sampled_from([None, *kinds]))
         if kind is not None:
             cfg[kind] = True
-    if T == 1:
-        cfg.pop("rescale_betas_zero_snr", None)  # a one-step schedule cannot be rescaled: BUG S2
     if cfg.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver"):  # documented refusals at construction
         cfg["final_sigmas_type"] = "sigma_min"
         if cfg["algorithm_type"] == "sde-dpmsolver":
@@ -213,7 +213,8 @@ NOT_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 NOT_POSITIVE = st.floats(max_value=0.0) | st.just(float("nan"))
 BETA_OUT_OF_RANGE = st.floats(max_value=-1e-12) | st.floats(min_value=1.0) | NOT_FINITE
 INVALID_VALUES = {
-    "num_train_timesteps": (st.integers(max_value=0) | st.floats(allow_nan=True) | st.text(max_size=4) | st.none()
+    "num_train_timesteps": (st.integers(max_value=0) | st.integers(min_value=10**6 + 1) | st.floats(allow_nan=True)
+                            | st.text(max_size=4) | st.none()
                             | st.booleans() | st.just([1000])),
     "beta_start": BETA_OUT_OF_RANGE,
     "beta_end": BETA_OUT_OF_RANGE,
@@ -457,9 +458,11 @@ HUGE = st.sampled_from([2**63, 2**64, 10**30, -(2**63), 10**400, float("inf"), f
 JSON_ANY = st.recursive(
     st.none() | st.booleans() | st.integers() | HUGE | st.floats(allow_nan=True, allow_infinity=True) | PATHS,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8) | PATHS, c, max_size=4), max_leaves=8)
-# scheduler configs: no integer between 10**4 and 10**18 (num_train_timesteps would allocate gigabytes: BUG S4)
+# scheduler configs: no integer between 3000 and the 10**6 cap on num_train_timesteps (squaredcos_cap_v2 builds its
+# betas in a Python loop: slow, and nothing to find), plus values beyond the cap (bug S4: MemoryError, hangs)
 JSON_SAFE = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 3000) | st.sampled_from([2**64, 10**30, -(2**63)])
+    st.none() | st.booleans() | st.integers(-5, 3000) | st.sampled_from([10**6 + 1, 10**15, 2**63, 2**64, 10**30,
+                                                                          -(2**63)])
     | st.floats(allow_nan=True, allow_infinity=True) | PATHS,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=8)
 NO_DESCENT = {("export",), ("model", "source")}
@@ -527,7 +530,7 @@ def _mutate_bytes(raw: bytes, data) -> bytes:
         i = raw.index(b'"', data.draw(st.integers(0, len(raw) // 2), label="offset"))
         return raw[:i + 1] + data.draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80"])) + raw[i + 1:]
     if kind == "deep":
-        depth = data.draw(st.sampled_from([10, 500, 100_000]), label="depth")  # deep ones: BUG M4
+        depth = data.draw(st.sampled_from([10, 500, 100_000]), label="depth")  # deep ones were bug M4
         return b"[" * depth + b"]" * depth
     digits = data.draw(st.integers(10, 6000), label="digits")  # huge_number
     return re.sub(rb'"in_channels": \d+', b'"in_channels": ' + b"9" * digits, raw)
@@ -727,7 +730,7 @@ def _text_not(*valid):
 NON_NUMBERS = st.text(max_size=3) | st.lists(st.floats(0, 2), min_size=1, max_size=2) | st.just(1j)
 STEPS_INVALID = (st.integers(-5, 0) | st.integers(1001, 10**30) | st.floats(allow_nan=True) | st.text(max_size=3)
                  | st.booleans() | st.none() | st.sampled_from([2**63, np.int64(0), np.int64(-3), np.uint64(5000)]))
-UINT64 = st.integers(0, 2**64 - 1)  # seeds >= 2**64: BUG P2
+UINT64 = st.integers(0, 2**64 - 1)  # torch's seed range
 
 
 @st.composite
@@ -745,7 +748,8 @@ def pipeline_calls(draw, conditional: bool):
     scheduler = arg("scheduler", st.none() | st.sampled_from(names) | st.sampled_from(names).map(str.upper),
                     _text_not(*names).filter(lambda s: s.lower() not in names) | st.integers(), p_bad=10)
     n_ok = st.integers(1, 3)
-    n = arg("num_images", n_ok | n_ok.map(np.int64), st.integers(-3, 0) | st.floats() | st.text(max_size=3)
+    n = arg("num_images", n_ok | n_ok.map(np.int64), st.integers(-3, 0) | st.integers(2**26, 10**30) | st.floats()
+            | st.text(max_size=3)
             | st.booleans() | st.none(), p_bad=10)
     n_ctx = int(n) if "num_images" not in invalid else 1
     kw = {"num_images": n}
@@ -754,10 +758,12 @@ def pipeline_calls(draw, conditional: bool):
     kw["seed"] = arg("seed", st.none() | UINT64 | st.lists(UINT64, min_size=n_ctx, max_size=n_ctx)
                      | st.lists(st.integers(0, 2**32), min_size=n_ctx, max_size=n_ctx).map(tuple)
                      | st.lists(UINT64, min_size=n_ctx, max_size=n_ctx).map(lambda s: np.array(s, np.uint64)),
-                     st.integers(max_value=-1) | st.floats(allow_nan=True) | st.text(max_size=3) | st.booleans()
+                     st.integers(max_value=-1) | st.integers(min_value=2**64) | st.floats(allow_nan=True)
+                     | st.text(max_size=3) | st.booleans()
                      | st.lists(UINT64, max_size=5).filter(lambda s: len(s) != n_ctx)
                      | st.lists(UINT64, min_size=n_ctx - 1, max_size=n_ctx - 1).flatmap(
-                         lambda s: (st.integers(max_value=-1) | st.floats() | st.text(max_size=2)).map(
+                         lambda s: (st.integers(max_value=-1) | st.integers(min_value=2**64) | st.floats()
+                                    | st.text(max_size=2)).map(
                              lambda bad: [*s, bad])))
     if conditional:
         kw["guidance_scale"] = arg("guidance_scale", st.none() | st.floats(0, 20) | st.integers(0, 20),
@@ -790,6 +796,8 @@ def pipeline_calls(draw, conditional: bool):
                         st.sampled_from(bad_shapes).map(lambda s: np.zeros(s, np.float32))
                         | st.sampled_from([np.int32, np.bool_, np.complex64, object]).map(
                             lambda d: np.zeros(shape, d))
+                        | st.sampled_from([np.nan, np.inf, -np.inf, 1e39]).map(  # non-finite in float32 (was P4)
+                            lambda v: np.full(shape, v, np.float64))
                         | st.text(max_size=3) | st.just(0.0))
     return scheduler, kw, invalid
 
