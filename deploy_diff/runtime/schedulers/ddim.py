@@ -73,7 +73,7 @@ class DDIMScheduler(BaseScheduler):
     def _get_variance(self, timestep, prev_timestep=None) -> float:
         """sigma_t^2 / eta^2 of eq. (16)."""
         a_t, a_prev = self._alpha_prods(int(timestep))
-        return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) if a_t < 1 else 0.0
 
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: np.ndarray | None = None,
@@ -115,7 +115,8 @@ class DDIMScheduler(BaseScheduler):
         self._check_x0(x0, t, a_t)
 
         # eq. (16): sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
-        std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5 if eta else 0.0
+        # b_t = 0 only where every beta up to t is 0 (beta_start = 0 at t = 0): x_t is x_0, no noise to add
+        std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5 if eta and b_t > 0 else 0.0
         if use_clipped_model_output:
             eps = (sample - sqrt_a * x0) / sqrt_b
         # eq. (12): "direction pointing to x_t"; clamp at 0 (zero-SNR with eta = 1 rounds to -1e-16)

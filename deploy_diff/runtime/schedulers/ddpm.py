@@ -88,7 +88,7 @@ class DDPMScheduler(BaseScheduler):
         a_t, a_prev = self._alpha_prods(t)
         beta_t = 1 - a_t / a_prev
         # eq. (7): posterior variance beta_tilde_t, floored so that log() is finite
-        variance = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
+        variance = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20) if a_t < 1 else 1e-20  # all betas 0 up to t
         vt = self.variance_type
         if vt == "fixed_small":
             return variance
