@@ -126,7 +126,9 @@ CLASS_OPTIONS = {
 DOCUMENTED_REFUSALS = ("zero terminal SNR", "repeats a sigma", "repeated timesteps", "zero or non-finite noise level",
                        "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset", "iddpm_linear",
                        # fixes of S2 / S3: a schedule that cannot be rescaled to zero SNR, or that underflows
-                       "rescale_betas_zero_snr needs a schedule", "alphas_cumprod underflows")
+                       "rescale_betas_zero_snr needs a schedule", "alphas_cumprod underflows",
+                       # beta_start = beta_end = 0 adds no noise; beta_start = 0 makes sigma_min 0 (Karras, exponential)
+                       "adds no noise at all", "needs 0 < sigma_min")
 
 
 @st.composite

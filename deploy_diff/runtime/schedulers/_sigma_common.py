@@ -62,6 +62,9 @@ def float_spaced_timesteps(num_train_timesteps: int, n: int, spacing: str, steps
 # -- sigma lists -------------------------------------------------------------------------------------
 def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     """float64[n] sigmas evenly spaced in log sigma, descending from ``sigma_max`` to ``sigma_min``."""
+    if not 0 < sigma_min <= sigma_max or not math.isfinite(sigma_max):
+        raise ValueError(f"use_exponential_sigmas needs 0 < sigma_min <= sigma_max; got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max} (beta_start=0 gives sigma_min=0)")
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 

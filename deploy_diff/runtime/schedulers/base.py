@@ -224,6 +224,9 @@ class BaseScheduler:
         self.betas = rescale_zero_terminal_snr(self._raw_betas) if rescale_betas_zero_snr else self._raw_betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        if self.alphas_cumprod[-1] >= 1.0:
+            raise ValueError("this schedule adds no noise at all (every beta is 0, alphas_cumprod stays 1): no model "
+                             "can be sampled from it; check beta_start / beta_end")
         if not rescale_betas_zero_snr and not self.alphas_cumprod[-1] >= MIN_ALPHAS_CUMPROD:
             sigma_max = math.sqrt((1 - self.alphas_cumprod[-1]) / max(self.alphas_cumprod[-1], 1e-300))
             raise ValueError(f"this schedule's alphas_cumprod underflows to {self.alphas_cumprod[-1]:.3g} at the last "
