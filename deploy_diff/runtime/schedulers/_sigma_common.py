@@ -188,6 +188,8 @@ class SigmaSchedulerMixin:
     sigma after the final step) in ``__init__`` and ``set_timesteps`` and then calls ``_reset_state()``.
     """
 
+    _needs_positive_sigma_min = True
+
     timesteps: np.ndarray
     sigmas: np.ndarray
     config: Any

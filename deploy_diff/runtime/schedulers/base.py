@@ -139,6 +139,8 @@ class BaseScheduler:
     #: beta schedules that diffusers' class of the same name accepts by name; others are saved as
     #: ``trained_betas`` so diffusers reproduces them exactly
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+    #: sigma-space schedulers take log(sigma): they refuse a schedule with sigma = 0 at t = 0 (beta_start = 0)
+    _needs_positive_sigma_min: ClassVar[bool] = False
     _config: SchedulerConfig
 
     # -- config ------------------------------------------------------------------------------------
@@ -224,6 +226,10 @@ class BaseScheduler:
         self.betas = rescale_zero_terminal_snr(self._raw_betas) if rescale_betas_zero_snr else self._raw_betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        if self._needs_positive_sigma_min and self.alphas_cumprod[0] >= 1.0:
+            raise ValueError(f"{type(self).__name__} works in log-sigma space and needs sigma > 0 at every training "
+                             "timestep; beta_start=0 makes sigma at t = 0 exactly 0. Use beta_start > 0 (DDPM and "
+                             "DDIM accept 0)")
         if self.alphas_cumprod[-1] >= 1.0:
             raise ValueError("this schedule adds no noise at all (every beta is 0, alphas_cumprod stays 1): no model "
                              "can be sampled from it; check beta_start / beta_end")

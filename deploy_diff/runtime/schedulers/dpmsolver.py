@@ -120,6 +120,8 @@ class DPMSolverMultistepScheduler(BaseScheduler):
       ``mu``) is not supported by this runtime: ValueError.
     """
 
+    _needs_positive_sigma_min = True
+
     order: ClassVar[int] = 1
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

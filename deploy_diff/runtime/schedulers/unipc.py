@@ -158,6 +158,8 @@ class UniPCMultistepScheduler(BaseScheduler):
     diffusers does. ``use_beta_sigmas`` needs scipy (``scipy.stats.beta.ppf``), imported lazily, as diffusers.
     """
 
+    _needs_positive_sigma_min = True
+
     order: ClassVar[int] = 1
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
