@@ -124,7 +124,10 @@ CLASS_OPTIONS = {
 }
 # refusals the schedulers document (where diffusers returns NaN or fails); any other ValueError is a finding
 DOCUMENTED_REFUSALS = ("zero terminal SNR", "repeats a sigma", "repeated timesteps", "zero or non-finite noise level",
-                       "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset", "iddpm_linear")
+                       "sigma at t = 0 is 0", "past num_train_timesteps", "steps_offset", "iddpm_linear",
+                       # schedules that cannot work: refused up front with these messages
+                       "rescale_betas_zero_snr needs a schedule", "alphas_cumprod underflows", "adds no noise at all",
+                       "needs 0 < sigma_min", "needs sigma > 0 at every training timestep")
 
 
 @st.composite
