@@ -295,3 +295,23 @@ def test_ddpm_fixed_large_log_is_finite_and_equals_fixed_large():
     x = torch.zeros((1, 1, 4, 4))
     out = nan_theirs.step(x, nan_theirs.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
     assert torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_zero_beta_start_steps_stay_finite(prediction_type, eta, clipped):
+    """beta_start=0 makes x_t = x_0 at t = 0 (no noise): DDIM and DDPM step exactly there, never 0/0 (found by
+    fuzzing: ZeroDivisionError with eta > 0, NaN for prediction_type='sample')."""
+    from deploy_diff.runtime.rng import TorchGenerator
+    from deploy_diff.runtime.schedulers import DDIMScheduler, DDPMScheduler
+
+    for s, kw in ((DDIMScheduler(beta_start=0.0, prediction_type=prediction_type),
+                   dict(eta=eta, use_clipped_model_output=clipped)),
+                  (DDPMScheduler(beta_start=0.0, prediction_type=prediction_type), {})):
+        s.set_timesteps(4)
+        x = np.full((1, 1, 4, 4), 0.87, np.float32)
+        g = TorchGenerator(0)
+        for t in s.timesteps:
+            x = s.step(np.float32(0.1) * x, t, x, generator=g, **kw).prev_sample
+        assert np.isfinite(x).all()

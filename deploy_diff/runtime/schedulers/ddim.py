@@ -107,7 +107,8 @@ class DDIMScheduler(BaseScheduler):
                     x0 = (sample - sqrt_b * model_output) / sqrt_a
         elif pt == "sample":
             x0 = model_output
-            eps = (sample - sqrt_a * x0) / sqrt_b
+            # sqrt_b = 0 only where every beta up to t is 0: x_t is x_0 and no noise direction exists
+            eps = (sample - sqrt_a * x0) / sqrt_b if sqrt_b > 0 else np.zeros_like(sample)
         else:
             x0 = sqrt_a * sample - sqrt_b * model_output
             eps = sqrt_a * model_output + sqrt_b * sample
@@ -118,7 +119,7 @@ class DDIMScheduler(BaseScheduler):
         # b_t = 0 only where every beta up to t is 0 (beta_start = 0 at t = 0): x_t is x_0, no noise to add
         std_dev_t = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)) ** 0.5 if eta and b_t > 0 else 0.0
         if use_clipped_model_output:
-            eps = (sample - sqrt_a * x0) / sqrt_b
+            eps = (sample - sqrt_a * x0) / sqrt_b if sqrt_b > 0 else np.zeros_like(sample)
         # eq. (12): "direction pointing to x_t"; clamp at 0 (zero-SNR with eta = 1 rounds to -1e-16)
         direction = max(1 - a_prev - std_dev_t**2, 0.0) ** 0.5
         prev = x0 * a_prev**0.5
