@@ -59,7 +59,7 @@ import numpy as np
 from deploy_diff.analysis.quality import DigitsQuality
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime._fileio import atomic_open
-from deploy_diff.runtime.images import image_grid, save_png
+from deploy_diff.runtime.images import image_grid, save_png, to_uint8
 from deploy_diff.runtime.sampling import NonFiniteError
 from deploy_diff.runtime.schedulers import SCHEDULER_NAMES
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if strips:
         tiles = np.concatenate([np.pad(s, ((0, STRIP - len(s)), (0, 0), (0, 0), (0, 0))) for s in strips])
         scale = max(1, 32 // max(model.sample_size))
-        save_png(image_grid((tiles * 255).round().astype(np.uint8), nrow=STRIP, padding=2, scale=scale),
+        save_png(image_grid(to_uint8(tiles), nrow=STRIP, padding=2, scale=scale),
                  out.with_name(out.name + "_samples.png"))
     print(f"wrote {out}.md, {out}.json, {out}.png, {out}_samples.png", flush=True)
 

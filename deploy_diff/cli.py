@@ -242,7 +242,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .runtime._fileio import atomic_open
-    from .runtime.images import image_grid, save_png
+    from .runtime.images import image_grid, save_png, to_uint8
     from .runtime.pipeline import Pipeline
 
     for flag in ("nrow", "scale"):
@@ -276,7 +276,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         with atomic_open(out) as f:
             np.savez(f, **arrays)
     else:
-        as_uint8 = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        as_uint8 = to_uint8(images)
         scale = args.scale or max(1, 128 // max(images.shape[1], 1))
         save_png(image_grid(as_uint8, nrow=args.nrow, scale=scale), out)
     sched = type(pipe.make_scheduler()).__name__
@@ -393,7 +393,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     timings.append(("export + validate", time.perf_counter() - t0, f"max error vs torch: {errs}"))
 
     # 3. sample with the torch-free runtime
-    from .runtime.images import image_grid, save_png
+    from .runtime.images import image_grid, save_png, to_uint8
     from .runtime.pipeline import Pipeline
 
     print(f"[3/3] sample: the runtime (numpy + onnxruntime), {args.scheduler}, {args.sample_steps} steps")
@@ -405,7 +405,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     timings.append((f"sample 100 ({args.scheduler}, {args.sample_steps} steps)", elapsed,
                     f"{elapsed * 10:.1f} ms/image"))
-    grid = save_png(image_grid((images * 255).round().astype(np.uint8), nrow=10, scale=4), out / "grid.png")
+    grid = save_png(image_grid(to_uint8(images), nrow=10, scale=4), out / "grid.png")
     for name, steps in (("ddim", 50), ("dpmsolver++", 20), ("unipc", 10)):
         p = Pipeline.from_bundle(bundle_dir, scheduler=name)
         p(num_images=8, num_inference_steps=2, seed=0, class_labels=0)  # warm-up

@@ -16,12 +16,13 @@ folder. Numpy and the standard library only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from ._fileio import sha256_file
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "MANIFEST_NAME", "Bundle", "BundleError", "ModelInfo",
            "is_bundle", "load_bundle", "sha256_file"]
@@ -37,14 +38,6 @@ MAX_CHANNELS = 1024
 
 class BundleError(ValueError):
     """The folder is not a usable bundle; the message says what is wrong and where."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

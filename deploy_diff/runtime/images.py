@@ -10,7 +10,7 @@ import numpy as np
 
 from ._fileio import atomic_open
 
-__all__ = ["image_grid", "save_png", "to_images"]
+__all__ = ["image_grid", "save_png", "to_images", "to_uint8"]
 
 
 def to_images(samples: np.ndarray, output_type: str = "np"):
@@ -27,12 +27,17 @@ def to_images(samples: np.ndarray, output_type: str = "np"):
     images = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     if output_type == "np":
         return np.ascontiguousarray(images)
-    as_uint8 = (images * 255).round().astype(np.uint8)
+    as_uint8 = to_uint8(images)
     if output_type == "uint8":
         return as_uint8
     from PIL import Image
 
     return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in as_uint8]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] (any layout) -> uint8, clipped and rounded as diffusers' ``numpy_to_pil`` does."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:

@@ -16,7 +16,6 @@ values and is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..runtime._fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from ..runtime._fileio import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
 from .config import TrainConfig
 from .unet import UNetConfig
 
@@ -43,14 +42,6 @@ HASHED_FILES = WEIGHT_FILES + (STATE_FILE, SCHEDULER_FILE)
 
 class CheckpointError(ValueError):
     """A folder that is not (or no longer) a readable checkpoint."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

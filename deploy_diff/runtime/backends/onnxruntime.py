@@ -36,15 +36,12 @@ def _import_ort():
     return onnxruntime
 
 
-def default_providers(device: str, cuda_graph: bool = False, device_id: int = 0) -> list:
+def default_providers(device: str, device_id: int = 0) -> list:
     """Execution providers for ``device`` ("cpu" or "cuda[:N]")."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device.startswith("cuda"):
-        opts: dict[str, str] = {"device_id": str(device_id)}
-        if cuda_graph:
-            opts["enable_cuda_graph"] = "1"
-        return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": str(device_id)}), "CPUExecutionProvider"]
     raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'); got {device!r}")
 
 
@@ -67,17 +64,14 @@ class OnnxRuntimeRunner:
         self.path = Path(graph)
         device = str(device)
         device_id = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
-        if providers is None:
-            providers = default_providers(device, cuda_graph, device_id)
-        else:  # explicit providers: honour cuda_graph, and take the device id from the CUDA options
-            providers = list(providers)
-            for i, p in enumerate(providers):
-                name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
-                if name == "CUDAExecutionProvider":
-                    if cuda_graph:
-                        opts["enable_cuda_graph"] = "1"
-                    device_id = int(opts.get("device_id", device_id))
-                    providers[i] = (name, opts)
+        providers = default_providers(device, device_id) if providers is None else list(providers)
+        for i, p in enumerate(providers):  # cuda_graph and the device id live in the CUDA provider's options
+            name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+            if name == "CUDAExecutionProvider":
+                if cuda_graph:
+                    opts["enable_cuda_graph"] = "1"
+                device_id = int(opts.get("device_id", device_id))
+                providers[i] = (name, opts)
         names = [p if isinstance(p, str) else p[0] for p in providers]
         available = ort.get_available_providers()
         missing = [n for n in names if n not in available]
