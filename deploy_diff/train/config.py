@@ -85,7 +85,11 @@ class TrainConfig:
         """Constructor kwargs of the runtime's DDPMScheduler describing this run's forward process."""
         return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                 "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction_type,
-                "rescale_betas_zero_snr": self.rescale_betas_zero_snr}
+                "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+                # written into the run's scheduler_config.json: DDIM (and DDPM) would otherwise inherit
+                # diffusers' clip_sample=True default, which clips x0 to [-1, 1] at every step and degrades
+                # DDIM beyond ~20 steps on trained models; runs saved before this keep their own config
+                "clip_sample": False}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
