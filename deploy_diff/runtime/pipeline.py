@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds
 from .bundle import Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
 from .rng import TorchGenerator
@@ -29,14 +30,6 @@ __all__ = ["BACKENDS", "Pipeline"]
 
 BACKENDS = ("onnxruntime", "tensorrt")
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
-
-
-def _seed_value(seed: Any, what: str = "seed") -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"{what} must be an int (or a list of ints, one per image); got {seed!r}")
-    if not 0 <= seed < 2**64:  # torch.Generator.manual_seed's range; larger ones would alias smaller ones
-        raise ValueError(f"{what} must lie in [0, 2**64); got {seed}")
-    return int(seed)
 
 
 def _check_runner_matches(runner: Any, bundle: Bundle) -> None:
@@ -94,14 +87,15 @@ class Pipeline:
             runner = OnnxRuntimeRunner(bundle.graph_path(precision), device=device, providers=providers,
                                        num_threads=num_threads, cuda_graph=cuda_graph)
         elif backend == "tensorrt":
+            from .backends import parse_device
             from .backends.tensorrt import TensorRTRunner
 
             engines = bundle.engines
             if not engines:
-                raise ValueError(f"bundle {bundle.path} has no TensorRT engine (export with --tensorrt on the GPU "
-                                 "that will run it)")
+                raise ValueError(f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
+                                 "the GPU that will run it)")
             wanted = [e for e in engines if f"_{precision}_" in e.name] or engines
-            device_id = int(device.split(":", 1)[1]) if str(device).startswith("cuda:") else 0
+            _, device_id = parse_device(device)  # TensorRT always runs on a GPU: "cpu" (the default) means GPU 0
             runner = TensorRTRunner(wanted[0], device_id=device_id)
         else:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -125,46 +119,14 @@ class Pipeline:
                              f"prediction_type={self.model.prediction_type!r}")
         return sched
 
-    def _labels(self, class_labels: Any, guidance_scale: float | None, n: int) -> tuple[Any, int | None]:
-        m = self.model
-        if not m.conditional:
-            if class_labels is not None:
-                raise ValueError("this model is unconditional: class_labels must be None")
-            if guidance_scale is not None:
-                raise ValueError("guidance_scale needs a class-conditional model trained with label dropout; this "
-                                 "model is unconditional, so pass guidance_scale=None")
-            return None, None
-        if m.null_class_label is None:
-            if guidance_scale is not None:
-                raise ValueError("this class-conditional model has no null label (diffusers' class-conditional "
-                                 "UNets have none), so classifier-free guidance is unavailable: pass "
-                                 "guidance_scale=None")
-            if class_labels is None:
-                raise ValueError(f"this class-conditional model has no null label: pass class_labels (0.."
-                                 f"{m.num_classes - 1}), one per image or one int")
-        if class_labels is None:
-            return None, m.null_class_label
-        labels = np.asarray(class_labels)
-        if labels.dtype.kind not in "iu" or labels.ndim > 1:
-            raise ValueError(f"class_labels must be an int or a list of ints; got {class_labels!r}")
-        if labels.ndim == 1 and labels.shape[0] != n:
-            raise ValueError(f"got {labels.shape[0]} class_labels for num_images={n}; pass one per image or one int")
-        allowed_max = m.num_classes if m.null_class_label == m.num_classes else m.num_classes - 1
-        if labels.size and (labels.min() < 0 or labels.max() > allowed_max):
-            raise ValueError(f"class_labels must lie in 0..{m.num_classes - 1}"
-                             + (f" (or {m.null_class_label}, the null label)" if m.null_class_label is not None
-                                else "") + f"; got {labels.tolist()}")
-        return np.broadcast_to(labels.astype(np.int64), (n,)).copy(), m.null_class_label
-
-    def _generators(self, seed: Any, n: int) -> Any:
-        if seed is None:
+    @staticmethod
+    def _generators(seed: Any, n: int) -> Any:
+        seeds = check_seeds(seed, n)
+        if seeds is None:
             return TorchGenerator(secrets.randbits(32))
-        if isinstance(seed, (list, tuple, np.ndarray)):
-            seeds = [_seed_value(s, "each seed") for s in seed]
-            if len(seeds) != n:
-                raise ValueError(f"got {len(seeds)} seeds for num_images={n}; pass one int or one seed per image")
+        if isinstance(seeds, list):
             return [TorchGenerator(s) for s in seeds]
-        return TorchGenerator(_seed_value(seed))
+        return TorchGenerator(seeds)
 
     # -- sampling -----------------------------------------------------------------------------------------
     def __call__(self, num_images: int = 1, num_inference_steps: int = 50, seed: int | Sequence[int] | None = None,
@@ -178,22 +140,21 @@ class Pipeline:
         change with the batch it is in), or None (a random seed). ``output_type``: ``"np"`` float32
         [N, H, W, C] in [0, 1], ``"uint8"``, ``"pil"``, or ``"latent"`` (the raw float32 [N, C, H, W] sample).
         """
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int; got {num_images!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
+        n = check_num_images(num_images)
         if output_type not in ("np", "uint8", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; expected 'np', 'uint8', 'pil' or 'latent'")
-        n = int(num_images)
         m = self.model
         if n * m.in_channels * m.sample_size[0] * m.sample_size[1] > MAX_ELEMENTS:
             raise ValueError(f"num_images={n} asks for more than {MAX_ELEMENTS:,} latent values in one call; sample "
                              "in smaller batches")
-        labels, null = self._labels(class_labels, guidance_scale, n)
+        # the model-aware rules; sample() checks the step count, eta and latents before any model call
+        null = m.null_class_label if m.conditional else None
+        guidance_scale = check_guidance_scale(guidance_scale, null, conditional=m.conditional)
+        labels = check_class_labels(class_labels, n, null_class_label=null, num_classes=m.num_classes,
+                                    conditional=m.conditional, where=f"num_images={n}")
         generator = self._generators(seed, n)
         shape = (n, m.in_channels, m.sample_size[0], m.sample_size[1])
-        x = sample(self.runner, self.make_scheduler(), shape, num_inference_steps=int(num_inference_steps),
+        x = sample(self.runner, self.make_scheduler(), shape, num_inference_steps=num_inference_steps,
                    generator=generator, guidance_scale=guidance_scale, class_labels=labels, null_class_label=null,
                    eta=eta, latents=latents, callback=callback, progress=progress)
         if output_type == "latent":

@@ -9,11 +9,12 @@ guidance and noise handling are written once.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from .arguments import check_class_labels, check_eta, check_guidance_scale, check_num_inference_steps
 from .rng import randn_tensor
 
 __all__ = ["NonFiniteError", "sample"]
@@ -31,25 +32,6 @@ def _check_finite(x: np.ndarray, what: str, step: int, t: Any) -> None:
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise NonFiniteError(f"{what} has {bad} non-finite value(s) at step {step} (timestep {t}); "
                              "sampling stopped (an fp16 overflow or a broken model are the usual causes)")
-
-
-def _as_labels(class_labels: Any, batch: int) -> np.ndarray:
-    labels = np.asarray(class_labels)
-    if labels.ndim == 0:
-        labels = np.full((batch,), labels)
-    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
-        raise ValueError(f"class_labels must be integers; got dtype {labels.dtype}")
-    labels = labels.astype(np.int64).reshape(-1)
-    if labels.shape[0] != batch:
-        raise ValueError(f"got {labels.shape[0]} class_labels for a batch of {batch}; pass one label per image "
-                         "or a single int")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"class_labels must be >= 0; got {labels.min()}")
-    return labels
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _step_parameters(scheduler: Any) -> set[str]:
@@ -87,19 +69,13 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
         raise ValueError(f"shape must be (B, C, H, W) with positive sizes; got {shape}")
     batch, channels = shape[0], shape[1]
 
-    # -- conditioning ----------------------------------------------------------------------------------
-    if guidance_scale is not None:
-        if not _is_real(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 or None; got {guidance_scale!r}")
-        if null_class_label is None:
-            raise ValueError("guidance_scale needs a model trained with label dropout (a null class label); "
-                             "this model has none, so pass guidance_scale=None")
-    if class_labels is None and null_class_label is not None:
-        labels = np.full((batch,), int(null_class_label), dtype=np.int64)
-    elif class_labels is not None:
-        labels = _as_labels(class_labels, batch)
-    else:
-        labels = None
+    # -- arguments (their rules live in .arguments) ------------------------------------------------------
+    guidance_scale = check_guidance_scale(guidance_scale, null_class_label)
+    labels = check_class_labels(class_labels, batch, null_class_label=null_class_label)
+    eta = check_eta(eta, scheduler)
+    config = getattr(scheduler, "config", None)
+    num_train_timesteps = config.get("num_train_timesteps") if isinstance(config, Mapping) else None
+    num_inference_steps = check_num_inference_steps(num_inference_steps, num_train_timesteps)
     use_cfg = guidance_scale is not None and guidance_scale != 1.0 and labels is not None
     if use_cfg:
         assert labels is not None and null_class_label is not None
@@ -109,12 +85,8 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
 
     step_params = _step_parameters(scheduler)
     step_kwargs: dict[str, Any] = {}
-    if eta is None or not _is_real(eta) or not np.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
     if "eta" in step_params:
-        step_kwargs["eta"] = float(eta)
-    elif eta != 0:
-        raise ValueError(f"eta={eta} is only used by DDIM; {type(scheduler).__name__} has no eta")
+        step_kwargs["eta"] = eta
     if "generator" in step_params:
         step_kwargs["generator"] = generator
 
