@@ -56,24 +56,3 @@ class NoGenerator:
 
     def step(self, *args, generator=None, **kwargs):
         return self._s.step(*args, **kwargs)
-
-
-def sweep_cross_product(space: dict, valid, run_case, case_id) -> float:
-    """Run ``run_case`` on every valid combination of ``space``; fail listing the failing cases; return the
-    worst error (``run_case`` returns the error, or a tuple whose first entry is the error)."""
-    import itertools
-
-    keys = list(space)
-    failures, worst = [], 0.0
-    for values in itertools.product(*space.values()):
-        case = dict(zip(keys, values))
-        if not valid(case):
-            continue
-        try:
-            err = run_case(case)
-            worst = max(worst, err[0] if isinstance(err, tuple) else err)
-        except AssertionError as e:
-            failures.append(f"{case_id(case)}: {e}")
-    assert not failures, f"{len(failures)} failures, e.g. {failures[:5]}"
-    print(f"worst relative error {worst:.3g}")
-    return worst

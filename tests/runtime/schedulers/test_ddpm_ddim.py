@@ -1,7 +1,5 @@
 """DDPM and DDIM against diffusers: timesteps, every prev_sample of full loops, documented differences."""
 
-import itertools
-import random
 import warnings
 
 import diffusers
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers import DDIMScheduler, DDPMScheduler
@@ -59,28 +58,6 @@ def _valid(cfg):
     return True
 
 
-def _sample_cases(space, n, seed):
-    rng = random.Random(seed)
-    cases = []
-    while len(cases) < n:
-        cfg = {k: rng.choice(v) for k, v in space.items()}
-        if _valid(cfg):
-            cases.append(cfg)
-    return cases
-
-
-def _all_cases(space):
-    keys = list(space)
-    for values in itertools.product(*space.values()):
-        cfg = dict(zip(keys, values))
-        if _valid(cfg):
-            yield cfg
-
-
-def _case_id(cfg):
-    return "-".join(f"{v}" for v in cfg.values())
-
-
 def _run_ddpm(cfg):
     cfg = dict(cfg)
     steps = cfg.pop("steps")
@@ -97,26 +74,24 @@ def _run_ddim(cfg):
     assert err <= tolerance(cfg), (cfg, steps, err)
 
 
-@pytest.mark.parametrize("cfg", _sample_cases(DDPM_SPACE, 40, seed=1), ids=_case_id)
+@pytest.mark.parametrize("cfg", sample_cases(DDPM_SPACE, 40, seed=1, valid=_valid), ids=case_id)
 def test_ddpm_parity(cfg):
     _run_ddpm(cfg)
 
 
-@pytest.mark.parametrize("cfg", _sample_cases(DDIM_SPACE, 40, seed=2), ids=_case_id)
+@pytest.mark.parametrize("cfg", sample_cases(DDIM_SPACE, 40, seed=2, valid=_valid), ids=case_id)
 def test_ddim_parity(cfg):
     _run_ddim(cfg)
 
 
 @pytest.mark.slow
 def test_ddpm_parity_full_cross_product():
-    for cfg in _all_cases(DDPM_SPACE):
-        _run_ddpm(cfg)
+    run_sweep(cross_product(DDPM_SPACE, _valid), _run_ddpm)
 
 
 @pytest.mark.slow
 def test_ddim_parity_full_cross_product():
-    for cfg in _all_cases(DDIM_SPACE):
-        _run_ddim(cfg)
+    run_sweep(cross_product(DDIM_SPACE, _valid), _run_ddim)
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])

@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import time
 import warnings
 
@@ -39,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler as Ours
@@ -154,36 +154,6 @@ def _valid(cfg: dict) -> bool:
     return True
 
 
-def _sample_cases(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    cases: list[dict] = []
-    while len(cases) < n:
-        cfg = {k: rng.choice(v) for k, v in SPACE.items()}
-        if _valid(cfg) and cfg not in cases:
-            cases.append(cfg)
-    return cases
-
-
-def _cross(axes) -> list[dict]:
-    out = []
-    for values in itertools.product(*(SPACE[a] for a in axes)):
-        cfg = dict(DEFAULTS)
-        cfg.update(zip(axes, values))
-        if _valid(cfg):
-            out.append(cfg)
-    return out
-
-
-def _case_id(cfg: dict) -> str:
-    parts = [cfg["algorithm_type"], f"o{cfg['solver_order']}", cfg["solver_type"], cfg["prediction_type"][:3],
-             cfg["sigmas"], cfg["final_sigmas_type"], cfg["beta_schedule"], cfg["timestep_spacing"]]
-    flags = {"zsnr": cfg["rescale_betas_zero_snr"], "off1": cfg["steps_offset"],
-             "lclip": cfg["lambda_min_clipped"] != -math.inf, "thr": cfg["thresholding"],
-             "lrv": cfg["variance_type"], "nolof": not cfg["lower_order_final"], "eaf": cfg["euler_at_final"]}
-    parts += [k for k, v in flags.items() if v]
-    return "-".join(parts + [f"n{cfg['steps']}"])
-
-
 def _check_parity(cfg: dict) -> float:
     ours, theirs = _pair(cfg)
     out_channels = 6 if cfg["variance_type"] else None
@@ -195,17 +165,7 @@ def _check_parity(cfg: dict) -> float:
 def _run_parity(cfg: dict) -> None:
     err = _check_parity(cfg)
     ours = _pair(cfg)[0]
-    assert err <= tolerance(cfg, ours), (_case_id(cfg), err, tolerance(cfg, ours))
-
-
-def _run_many(cases: list[dict]) -> None:
-    failures = []
-    for cfg in cases:
-        try:
-            _run_parity(cfg)
-        except AssertionError as e:  # collect every failing case, not just the first
-            failures.append(str(e)[:300])
-    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:30])
+    assert err <= tolerance(cfg, ours), (case_id(cfg), err, tolerance(cfg, ours))
 
 
 def _loop(s, n, x, seed=1, out_channels=None, torch_side=False, **step_kwargs):
@@ -223,24 +183,24 @@ def _loop(s, n, x, seed=1, out_channels=None, torch_side=False, **step_kwargs):
 
 
 # -- parity --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", _sample_cases(50, seed=20240601), ids=_case_id)
+@pytest.mark.parametrize("cfg", sample_cases(SPACE, 50, seed=20240601, valid=_valid), ids=case_id)
 def test_parity_random_configs(cfg):
     _run_parity(cfg)
 
 
 @pytest.mark.slow
 def test_parity_cross_product_of_solver_axes():
-    _run_many(_cross(SOLVER_AXES))
+    run_sweep(cross_product({a: SPACE[a] for a in SOLVER_AXES}, _valid, base=DEFAULTS), _run_parity)
 
 
 @pytest.mark.slow
 def test_parity_cross_product_of_schedule_axes():
-    _run_many(_cross(SCHEDULE_AXES))
+    run_sweep(cross_product({a: SPACE[a] for a in SCHEDULE_AXES}, _valid, base=DEFAULTS), _run_parity)
 
 
 @pytest.mark.slow
 def test_parity_large_random_sample():
-    _run_many(_sample_cases(1500, seed=7))
+    run_sweep(sample_cases(SPACE, 1500, seed=7, valid=_valid), _run_parity)
 
 
 class WithTheirSigmas(Ours):
@@ -272,7 +232,7 @@ def test_solver_equals_diffusers_given_its_sigmas(algo, tol):
     per-algorithm tolerances of the parity tests are diffusers' schedule rounding, not a different solver.
     (dpmsolver++: 2e-5 vs 1e-4 end to end; sde-dpmsolver++ 1e-4: diffusers' float32 sqrt(1 - exp(-2h)) at a
     final step with h ~ 1e-7; dpmsolver 1e-3: float32 cancellation in both.)"""
-    cases = [c for c in _sample_cases(600, seed=3) if c["algorithm_type"] == algo]
+    cases = [c for c in sample_cases(SPACE, 600, seed=3, valid=_valid) if c["algorithm_type"] == algo]
     cases = [c for c in cases if tolerance(c, _pair(c)[0]) <= 2e-3][:15]
     worst = max(_with_their_sigmas(cfg) for cfg in cases)
     assert worst <= tol, worst

@@ -7,7 +7,6 @@ for the spaced schedules; 5e-4 for ``timestep_type="continuous"``; 2e-2 with Kar
 sigmas (mapped back to t through diffusers' float32 alphas_cumprod), more on the extreme schedules.
 """
 
-import random
 import time
 import warnings
 
@@ -16,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import sample_tolerance, schedule_extremes, sweep_cross_product, timestep_atol
+from _sigma_parity import sample_tolerance, schedule_extremes, timestep_atol
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers._sigma_common import beta_ppf, betainc
@@ -56,23 +56,6 @@ def _valid(case):
     return True
 
 
-def _sample_cases(n, seed):
-    rng = random.Random(seed)
-    cases = []
-    while len(cases) < n:
-        case = {k: rng.choice(v) for k, v in SPACE.items()}
-        if _valid(case):
-            cases.append(case)
-    return cases
-
-
-def _case_id(case):
-    c = case
-    return (f"{c['beta_schedule']}-{c['prediction_type'][:3]}-{c['timestep_spacing']}{c['steps_offset'] or ''}-"
-            f"{c['sigmas'] or 'plain'}-{c['interpolation_type']}-{c['timestep_type'][:4]}-{c['final_sigmas_type']}-"
-            f"{'zsnr' if c['rescale_betas_zero_snr'] else 'snr'}-{c['churn']}-n{c['steps']}")
-
-
 def _config(case):
     cfg = {k: case[k] for k in ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
                                 "interpolation_type", "timestep_type", "final_sigmas_type", "rescale_betas_zero_snr")}
@@ -94,18 +77,18 @@ def _run_case(case):
         warnings.filterwarnings("error", message=".*scale_model_input")  # it is called: no warning expected
         err = run_parity(ours, theirs, case["steps"], step_kwargs=CHURN[case["churn"]],
                          timestep_atol=timestep_atol(cfg, ours))
-    assert err <= sample_tolerance(ours), (_case_id(case), err)
+    assert err <= sample_tolerance(ours), (case_id(case), err)
     return err
 
 
-@pytest.mark.parametrize("case", _sample_cases(50, seed=11), ids=_case_id)
+@pytest.mark.parametrize("case", sample_cases(SPACE, 50, seed=11, valid=_valid), ids=case_id)
 def test_euler_parity(case):
     _run_case(case)
 
 
 @pytest.mark.slow
 def test_euler_parity_full_cross_product():
-    sweep_cross_product(SPACE, _valid, _run_case, _case_id)
+    run_sweep(cross_product(SPACE, _valid), _run_case)
 
 
 # -- timesteps and sigmas --------------------------------------------------------------------------------

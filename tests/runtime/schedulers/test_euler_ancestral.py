@@ -5,7 +5,6 @@ Tolerances (tests/_sigma_parity.py): prev_sample 1e-4, or 1e-2 where diffusers' 
 inexact (sigma_max > 1e3 or sigma_min < 5e-3); timesteps exact (float32).
 """
 
-import random
 import time
 import warnings
 
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import sample_tolerance, sweep_cross_product
+from _sigma_parity import sample_tolerance
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
@@ -36,38 +36,23 @@ def _valid(case):
     return case["timestep_spacing"] == "leading" or not case["steps_offset"]
 
 
-def _sample_cases(n, seed):
-    rng = random.Random(seed)
-    cases = []
-    while len(cases) < n:
-        case = {k: rng.choice(v) for k, v in SPACE.items()}
-        if _valid(case):
-            cases.append(case)
-    return cases
-
-
-def _case_id(c):
-    return (f"{c['beta_schedule']}-{c['prediction_type'][:3]}-{c['timestep_spacing']}{c['steps_offset'] or ''}-"
-            f"{'zsnr' if c['rescale_betas_zero_snr'] else 'snr'}-n{c['steps']}")
-
-
 def _run_case(case):
     cfg = {k: v for k, v in case.items() if k != "steps"}
     ours = EulerAncestralDiscreteScheduler(**cfg)
     theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(ours.diffusers_config())
     err = run_parity(ours, theirs, case["steps"])
-    assert err <= sample_tolerance(ours), (_case_id(case), err)
+    assert err <= sample_tolerance(ours), (case_id(case), err)
     return err
 
 
-@pytest.mark.parametrize("case", _sample_cases(50, seed=21), ids=_case_id)
+@pytest.mark.parametrize("case", sample_cases(SPACE, 50, seed=21, valid=_valid), ids=case_id)
 def test_euler_ancestral_parity(case):
     _run_case(case)
 
 
 @pytest.mark.slow
 def test_euler_ancestral_parity_full_cross_product():
-    sweep_cross_product(SPACE, _valid, _run_case, _case_id)
+    run_sweep(cross_product(SPACE, _valid), _run_case)
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])

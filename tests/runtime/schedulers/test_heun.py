@@ -15,7 +15,6 @@ exponential / beta sigmas (more on extreme schedules).
 """
 
 import json
-import random
 import time
 import warnings
 
@@ -24,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import NoGenerator, sample_tolerance, sweep_cross_product, timestep_atol
+from _sigma_parity import NoGenerator, sample_tolerance, timestep_atol
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.heun import HeunDiscreteScheduler
@@ -51,21 +51,6 @@ def _valid(case):
     if case["beta_schedule"] == "squaredcos_cap_v2" and case["steps"] < 50:
         return False
     return not (case["beta_schedule"] == "karras" and case["steps"] == 2)  # sigma 80 -> 0.002 in one step
-
-
-def _sample_cases(n, seed):
-    rng = random.Random(seed)
-    cases = []
-    while len(cases) < n:
-        case = {k: rng.choice(v) for k, v in SPACE.items()}
-        if _valid(case):
-            cases.append(case)
-    return cases
-
-
-def _case_id(c):
-    return (f"{c['beta_schedule']}-{c['prediction_type'][:3]}-{c['timestep_spacing']}{c['steps_offset'] or ''}-"
-            f"{c['sigmas'] or 'plain'}-{'clip' if c['clip_sample'] else 'noclip'}-n{c['steps']}")
 
 
 def _config(case):
@@ -127,18 +112,18 @@ def _run_case(case):
     err = run_parity(NoGenerator(ours), NoGenerator(theirs), case["steps"], timestep_atol=timestep_atol(cfg, ours))
     rounding = diffusers_float32_error(dcfg, case["steps"]) + ours_float32_error(cfg, case["steps"])
     tol = sample_tolerance(ours) + rounding
-    assert err <= tol, (_case_id(case), err, tol)
+    assert err <= tol, (case_id(case), err, tol)
     return err, rounding
 
 
-@pytest.mark.parametrize("case", _sample_cases(45, seed=31), ids=_case_id)
+@pytest.mark.parametrize("case", sample_cases(SPACE, 45, seed=31, valid=_valid), ids=case_id)
 def test_heun_parity(case):
     _run_case(case)
 
 
 @pytest.mark.slow
 def test_heun_parity_full_cross_product():
-    sweep_cross_product(SPACE, _valid, _run_case, _case_id)
+    run_sweep(cross_product(SPACE, _valid), _run_case)
 
 
 def test_squaredcos_few_steps_is_ill_conditioned():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import warnings
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import _pattern, fake_model, rel_err, run_parity
+from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.schedulers.unipc import UniPCMultistepScheduler, _torch_linspace_f32
 
@@ -186,31 +186,6 @@ def _configs(case: dict) -> tuple[dict, dict]:
     return ours, theirs
 
 
-THRESHOLDING_IDS = {False: "nothr", True: "thr", "dynamic": "dthr"}
-
-
-def _case_id(case: dict) -> str:
-    short = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
-    return "-".join([
-        case["schedule"], short[case["prediction_type"]], case["solver_type"], f"o{case['solver_order']}",
-        "px0" if case["predict_x0"] else "peps", "lof" if case["lower_order_final"] else "nolof",
-        "dc" + "_".join(map(str, case["disable_corrector"])) if case["disable_corrector"] else "dc-",
-        case["sigmas"], case["final_sigmas_type"], THRESHOLDING_IDS[case["thresholding"]],
-        "zsnr" if case["rescale_betas_zero_snr"] else "snr", f"n{case['steps']}",
-    ])
-
-
-def _sample_cases(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    cases, seen = [], set()
-    while len(cases) < n:
-        case = _normalise({k: rng.choice(v) for k, v in SPACE.items()})
-        if _case_id(case) not in seen:
-            seen.add(_case_id(case))
-            cases.append(case)
-    return cases
-
-
 def _tolerance(ours: UniPCMultistepScheduler) -> float:
     # diffusers' float32 schedule is ~1e-3 off where sigma at the first timestep exceeds 1e3 (DESIGN.md)
     return 1e-2 if ours.sigmas[0] > 1e3 else 1e-4
@@ -240,23 +215,23 @@ def _run_case(case: dict) -> dict:
     theirs64 = _Theirs(diffusers.UniPCMultistepScheduler(**theirs_kw), sigmas=ours.sigmas)
     ref = _trajectory(theirs64, n, np.float64)
     err64 = _worst(_trajectory(UniPCMultistepScheduler(**ours_kw), n, np.float64), ref)
-    assert err64 <= 1e-8, (_case_id(case), err64)
+    assert err64 <= 1e-8, (case_id(case), err64)
     result = {"err32": err32, "err64": err64, "tol": tol, "replaced": theirs32.replaced, "ill": False}
     if err32 > tol:
         mine = _worst(_trajectory(UniPCMultistepScheduler(**ours_kw), n, np.float32), ref)
         theirs = _worst(_trajectory(theirs32, n, np.float32), ref)
-        assert mine <= max(tol, 4 * theirs), (_case_id(case), err32, mine, theirs)
+        assert mine <= max(tol, 4 * theirs), (case_id(case), err32, mine, theirs)
         result.update(ill=True, ours_vs_ref=mine, theirs_vs_ref=theirs)
     return result
 
 
-@pytest.mark.parametrize("case", _sample_cases(56, seed=7), ids=_case_id)
+@pytest.mark.parametrize("case", sample_cases(SPACE, 56, seed=7, normalise=_normalise), ids=case_id)
 def test_parity_sampled(case):
     _run_case(case)
 
 
 def test_sample_covers_the_space():
-    cases = _sample_cases(56, seed=7)
+    cases = sample_cases(SPACE, 56, seed=7, normalise=_normalise)
     for key, values in SPACE.items():
         seen = {c[key] for c in cases}
         missing = [v for v in values if v not in seen and not (key == "prediction_type" and v == "flow_prediction")]
@@ -268,20 +243,13 @@ def test_sample_covers_the_space():
 @pytest.mark.parametrize("steps", STEPS)
 def test_parity_full_cross_product(schedule, steps):
     space = dict(FULL_SPACE, schedule=[schedule], steps=[steps])
-    worst, failures = 0.0, []
-    for values in itertools.product(*space.values()):
-        case = _normalise(dict(zip(space, values)))
-        try:
-            worst = max(worst, _run_case(case)["err32"])
-        except AssertionError as e:
-            failures.append(f"{_case_id(case)}: {e}")
-    assert not failures, f"{len(failures)} failures, e.g. {failures[:5]}"
+    run_sweep(cross_product(space, normalise=_normalise), _run_case, error=lambda result: result["err32"])
 
 
 def test_last_step_limits_are_exercised():
     """The diffusers-NaN cases really occur in the sample (so the replacement above is tested), and ours is finite."""
     replaced = 0
-    for case in _sample_cases(56, seed=7):
+    for case in sample_cases(SPACE, 56, seed=7, normalise=_normalise):
         ours_kw, theirs_kw = _configs(case)
         if case["final_sigmas_type"] == "zero" and (case["solver_type"] == "bh1" or not case["predict_x0"]):
             theirs = _Theirs(diffusers.UniPCMultistepScheduler(**theirs_kw))
