@@ -27,19 +27,25 @@ from .runner import TorchRunner
 from .trainer import diffusion_loss, schedule_tensors
 from .unet import UNet, UNetConfig, count_flops, count_parameters
 
-__all__ = ["DiffusionAnalyzer", "DiffusionConfig", "DiffusionModel", "DiffusionTrainer", "NoiseSchedule",
-           "SchedulerType"]
+__all__ = [
+    "DiffusionAnalyzer",
+    "DiffusionConfig",
+    "DiffusionModel",
+    "DiffusionTrainer",
+    "NoiseSchedule",
+    "SchedulerType",
+]
 
 
 class SchedulerType(str, Enum):
     """The seed's six schedules, mapped onto the runtime's names (see the README's naming table)."""
 
     LINEAR = "linear"
-    COSINE = "cosine"              # the seed's cosine exactly (not diffusers' squaredcos_cap_v2)
-    QUADRATIC = "quadratic"        # = diffusers' scaled_linear
+    COSINE = "cosine"  # the seed's cosine exactly (not diffusers' squaredcos_cap_v2)
+    QUADRATIC = "quadratic"  # = diffusers' scaled_linear
     SIGMOID = "sigmoid"
     SCALED_LINEAR = "iddpm_linear"  # the seed's "scaled linear": beta * 1000 / T
-    KARRAS = "karras"              # sigma rising along t (the seed's literal formula is degenerate)
+    KARRAS = "karras"  # sigma rising along t (the seed's literal formula is degenerate)
 
 
 def _default_channel_mult(image_size: int) -> tuple[int, ...]:
@@ -60,7 +66,7 @@ class DiffusionConfig:
     num_heads: int = 8
     num_classes: int = 0
     dropout: float = 0.0
-    channel_mult: tuple[int, ...] | None = None           # default: from image_size
+    channel_mult: tuple[int, ...] | None = None  # default: from image_size
     attention_resolutions: tuple[int, ...] | None = None  # default: the two smallest feature maps
     # diffusion parameters
     num_timesteps: int = 1000
@@ -69,7 +75,7 @@ class DiffusionConfig:
     scheduler_type: SchedulerType | str = SchedulerType.LINEAR
     # sampling parameters
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5   # used only by conditional models when no value is passed
+    guidance_scale: float = 7.5  # used only by conditional models when no value is passed
     eta: float = 0.0
     clip_denoised: bool = True
     # advanced
@@ -92,14 +98,27 @@ class DiffusionConfig:
         mult = tuple(self.channel_mult) if self.channel_mult else _default_channel_mult(self.image_size)
         sizes = [self.image_size // 2**i for i in range(len(mult))]
         attn = tuple(self.attention_resolutions) if self.attention_resolutions is not None else tuple(sizes[-2:])
-        return UNetConfig(sample_size=self.image_size, in_channels=self.in_channels, out_channels=self.out_channels,
-                          base_channels=self.hidden_size, channel_mult=mult, layers_per_block=self.num_layers,
-                          attention_resolutions=attn, num_heads=self.num_heads, dropout=self.dropout,
-                          num_classes=self.num_classes)
+        return UNetConfig(
+            sample_size=self.image_size,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            base_channels=self.hidden_size,
+            channel_mult=mult,
+            layers_per_block=self.num_layers,
+            attention_resolutions=attn,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            num_classes=self.num_classes,
+        )
 
     def scheduler_kwargs(self) -> dict[str, Any]:
-        return {"num_train_timesteps": self.num_timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type}
+        return {
+            "num_train_timesteps": self.num_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction_type,
+        }
 
 
 class NoiseSchedule:
@@ -117,13 +136,20 @@ class NoiseSchedule:
         self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = schedule_tensors(rs, torch.device(device))
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
-        for name in ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                     "sqrt_one_minus_alphas_cumprod"):
+        for name in (
+            "betas",
+            "alphas",
+            "alphas_cumprod",
+            "alphas_cumprod_prev",
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+        ):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def add_noise(self, x_start: torch.Tensor, timesteps: torch.Tensor,
-                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_noise(
+        self, x_start: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy, noise): q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
         if noise is None:
             noise = torch.randn_like(x_start)
@@ -160,9 +186,16 @@ class DiffusionModel(nn.Module):
         return self.unet.config.null_class_label
 
     @torch.no_grad()
-    def sample(self, batch_size: int = 1, num_inference_steps: int | None = None, use_ddim: bool = True,
-               guidance_scale: float | None = None, eta: float | None = None,
-               class_labels: Sequence[int] | int | None = None, seed: int = 0) -> torch.Tensor:
+    def sample(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        use_ddim: bool = True,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+        class_labels: Sequence[int] | int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
         """float32[B, C, H, W] samples in [-1, 1] through ``runtime.sampling.sample`` with the torch runner.
 
         ``guidance_scale=None`` takes the config's value for a conditional model (none for an
@@ -171,8 +204,10 @@ class DiffusionModel(nn.Module):
         cfg = self.config
         conditional = cfg.num_classes > 0
         if guidance_scale is not None and not conditional:
-            raise ValueError("guidance_scale was given but this model is unconditional (num_classes=0): "
-                             "classifier-free guidance needs a class-conditional model")
+            raise ValueError(
+                "guidance_scale was given but this model is unconditional (num_classes=0): "
+                "classifier-free guidance needs a class-conditional model"
+            )
         if guidance_scale is None and conditional:
             guidance_scale = cfg.guidance_scale
         if class_labels is not None and not conditional:
@@ -181,11 +216,17 @@ class DiffusionModel(nn.Module):
         scheduler = DDIMScheduler.from_config(kwargs) if use_ddim else DDPMScheduler.from_config(kwargs)
         uc = self.unet.config
         shape = (batch_size, uc.in_channels, uc.sample_size, uc.sample_size)
-        x = run_sampling(TorchRunner(self.unet), scheduler, shape,
-                         num_inference_steps=num_inference_steps or cfg.num_inference_steps,
-                         generator=TorchGenerator(seed), guidance_scale=guidance_scale, class_labels=class_labels,
-                         null_class_label=uc.null_class_label,
-                         eta=(cfg.eta if eta is None else eta) if use_ddim else 0.0)
+        x = run_sampling(
+            TorchRunner(self.unet),
+            scheduler,
+            shape,
+            num_inference_steps=num_inference_steps or cfg.num_inference_steps,
+            generator=TorchGenerator(seed),
+            guidance_scale=guidance_scale,
+            class_labels=class_labels,
+            null_class_label=uc.null_class_label,
+            eta=(cfg.eta if eta is None else eta) if use_ddim else 0.0,
+        )
         return torch.from_numpy(x)
 
 
@@ -222,8 +263,17 @@ class DiffusionTrainer:
         noise = torch.randn(images.shape, generator=self.generator).to(self.device)
         sched = self.model.scheduler
         self.model.train()
-        loss = diffusion_loss(self.model.unet, images, t, noise, labels, sched.sqrt_alphas_cumprod,
-                              sched.sqrt_one_minus_alphas_cumprod, cfg.prediction_type, cfg.loss_type)
+        loss = diffusion_loss(
+            self.model.unet,
+            images,
+            t,
+            noise,
+            labels,
+            sched.sqrt_alphas_cumprod,
+            sched.sqrt_one_minus_alphas_cumprod,
+            cfg.prediction_type,
+            cfg.loss_type,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.gradient_clipping:
@@ -243,8 +293,12 @@ class DiffusionTrainer:
                     break
             if max_steps is not None and len(losses) >= max_steps:
                 break
-        return {"losses": losses, "steps": self.step, "final_loss": losses[-1] if losses else None,
-                "seconds": time.perf_counter() - start}
+        return {
+            "losses": losses,
+            "steps": self.step,
+            "final_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start,
+        }
 
 
 class DiffusionAnalyzer:
@@ -272,14 +326,22 @@ class DiffusionAnalyzer:
             for h in hooks:
                 h.remove()
         params = count_parameters(unet)
-        return {"parameters": params,
-                "trainable_parameters": sum(p.numel() for p in unet.parameters() if p.requires_grad),
-                "parameter_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
-                "flops_per_forward": count_flops(unet), "activation_bytes_per_image": activation_bytes,
-                "sample_size": cfg.sample_size}
+        return {
+            "parameters": params,
+            "trainable_parameters": sum(p.numel() for p in unet.parameters() if p.requires_grad),
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
+            "flops_per_forward": count_flops(unet),
+            "activation_bytes_per_image": activation_bytes,
+            "sample_size": cfg.sample_size,
+        }
 
-    def benchmark_sampling(self, model: DiffusionModel, batch_size: int = 1, steps: Sequence[int] = (10, 25, 50),
-                           methods: Sequence[str] = ("ddim", "ddpm")) -> list[dict[str, Any]]:
+    def benchmark_sampling(
+        self,
+        model: DiffusionModel,
+        batch_size: int = 1,
+        steps: Sequence[int] = (10, 25, 50),
+        methods: Sequence[str] = ("ddim", "ddpm"),
+    ) -> list[dict[str, Any]]:
         """Wall time per method and step count (torch runner through the runtime's loop)."""
         rows = []
         for method in methods:
@@ -289,6 +351,13 @@ class DiffusionAnalyzer:
                 start = time.perf_counter()
                 model.sample(batch_size=batch_size, num_inference_steps=n, use_ddim=method == "ddim")
                 seconds = time.perf_counter() - start
-                rows.append({"method": method, "steps": n, "batch_size": batch_size, "seconds": seconds,
-                             "seconds_per_step": seconds / n})
+                rows.append(
+                    {
+                        "method": method,
+                        "steps": n,
+                        "batch_size": batch_size,
+                        "seconds": seconds,
+                        "seconds_per_step": seconds / n,
+                    }
+                )
         return rows

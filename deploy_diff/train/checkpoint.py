@@ -59,13 +59,13 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass
 class Checkpoint:
-    path: Path                      # the folder the files were read from
+    path: Path  # the folder the files were read from
     step: int
     model_config: UNetConfig
     train_config: TrainConfig
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor]
-    meta: dict[str, Any]            # the whole config.json
+    meta: dict[str, Any]  # the whole config.json
 
     @property
     def null_class_label(self) -> int | None:
@@ -84,8 +84,16 @@ def _write_folder(folder: Path, model_sd: dict, ema_sd: dict, state: dict, meta:
             os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, ema_sd: dict, state: dict, meta: dict,
-                    scheduler_json: str, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_sd: dict,
+    ema_sd: dict,
+    state: dict,
+    meta: dict,
+    scheduler_json: str,
+    keep_last: int = 2,
+) -> Path:
     """Write checkpoint ``step`` into ``run_dir`` (see the module docstring); return its step folder."""
     run = Path(run_dir)
     ckpts = run / "checkpoints"
@@ -151,10 +159,11 @@ def _read_folder(folder: Path, verify: bool = True) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} is not a deploy-diff checkpoint config (no \"format\": \"{FORMAT}\")")
+        raise CheckpointError(f'{cfg_path} is not a deploy-diff checkpoint config (no "format": "{FORMAT}")')
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path} has format_version {meta.get('format_version')!r}; this version reads "
-                              f"{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{cfg_path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
     files = meta.get("files") or {}
     for name in HASHED_FILES:
         p = folder / name
@@ -187,7 +196,7 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     if not run.is_dir():
         raise CheckpointError(f"{run} is not a folder")
     problems = []
-    ranked: list[tuple[int, int, Path]] = []   # (step, top level first on a tie, folder)
+    ranked: list[tuple[int, int, Path]] = []  # (step, top level first on a tie, folder)
     try:
         top_step = int(json.loads((run / CONFIG_FILE).read_text(encoding="utf-8")).get("step", 0))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -216,10 +225,13 @@ def read_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
         unsafe = next((ln.strip() for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), None)
         if unsafe is not None or "weights_only" in str(e):
             # never echo torch's advice to retry with weights_only=False: that would run the file's code
-            raise CheckpointError(f"{ckpt.path / STATE_FILE} holds objects other than tensors and plain data, so "
-                                  f"it was refused (no code in it ran): {unsafe or 'not loadable safely'}") from None
-        raise CheckpointError(f"{ckpt.path / STATE_FILE} is unreadable: {lines[0] if lines else type(e).__name__}") \
-            from None
+            raise CheckpointError(
+                f"{ckpt.path / STATE_FILE} holds objects other than tensors and plain data, so "
+                f"it was refused (no code in it ran): {unsafe or 'not loadable safely'}"
+            ) from None
+        raise CheckpointError(
+            f"{ckpt.path / STATE_FILE} is unreadable: {lines[0] if lines else type(e).__name__}"
+        ) from None
 
 
 def is_checkpoint_folder(path: str | Path) -> bool:

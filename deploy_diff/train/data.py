@@ -15,23 +15,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageData", "load_arrays", "load_data", "load_digits_data", "load_image_folder",
-           "random_flip"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageData",
+    "load_arrays",
+    "load_data",
+    "load_digits_data",
+    "load_image_folder",
+    "random_flip",
+]
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
 class ImageData:
-    images: torch.Tensor                 # float32[N, C, S, S] in [-1, 1]
-    labels: torch.Tensor | None = None   # int64[N]
+    images: torch.Tensor  # float32[N, C, S, S] in [-1, 1]
+    labels: torch.Tensor | None = None  # int64[N]
     class_names: list[str] | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[0] == 0:
-            raise ValueError(f"{self.source or 'data'}: expected images [N, C, H, W] with N > 0; got "
-                             f"{tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.source or 'data'}: expected images [N, C, H, W] with N > 0; got {tuple(self.images.shape)}"
+            )
         if self.labels is not None and self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"{self.source}: {self.labels.shape[0]} labels for {self.images.shape[0]} images")
 
@@ -101,8 +109,9 @@ def load_image_folder(path: str | Path, sample_size: int, channels: int = 3) -> 
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"data folder {root} holds no images (expected files ending in "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise ValueError(
+            f"data folder {root} holds no images (expected files ending in {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     labelled = all(p.parent != root for p in files)
     class_names = sorted({p.relative_to(root).parts[0] for p in files}) if labelled else None
     arrays, labels, bad = [], [], []
@@ -153,8 +162,9 @@ def load_arrays(path: str | Path, sample_size: int) -> ImageData:
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"{p}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3); "
-                         f"got shape {images.shape}")
+        raise ValueError(
+            f"{p}: expected images [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3); got shape {images.shape}"
+        )
     if images.dtype == np.uint8:
         x = images.astype(np.float32) / 255.0
     elif images.dtype.kind == "f":
@@ -167,7 +177,7 @@ def load_arrays(path: str | Path, sample_size: int) -> ImageData:
     if t.shape[-1] != t.shape[-2]:
         side = min(t.shape[-2:])
         top, left = (t.shape[-2] - side) // 2, (t.shape[-1] - side) // 2
-        t = t[..., top:top + side, left:left + side]
+        t = t[..., top : top + side, left : left + side]
     t = _resize(t, sample_size).clamp(0, 1) * 2 - 1
     y, names = None, None
     if labels is not None:
@@ -190,7 +200,7 @@ def load_data(spec: str, sample_size: int, channels: int | None = None) -> Image
     if p.suffix.lower() in (".npy", ".npz"):
         return load_arrays(p, sample_size)
     if p.is_file():
-        raise ValueError(f"--data {spec}: expected 'digits', a folder of images, or a .npy/.npz file")
+        raise ValueError(f"data={spec!r}: expected 'digits', a folder of images, or a .npy/.npz file")
     return load_image_folder(p, sample_size, channels or 3)
 
 

@@ -76,9 +76,18 @@ def _device(spec: str, local_rank: int) -> torch.device:
     return dev
 
 
-def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   labels: torch.Tensor | None, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor,
-                   prediction_type: str, loss_type: str, mixed_precision: str = "no") -> torch.Tensor:
+def diffusion_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    sqrt_abar: torch.Tensor,
+    sqrt_one_minus_abar: torch.Tensor,
+    prediction_type: str,
+    loss_type: str,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
     """The denoising loss of one batch: noise x0 to x_t with q(x_t | x_0) and regress the target of
     ``prediction_type`` (epsilon: the noise; v_prediction: sqrt(abar) eps - sqrt(1 - abar) x0; sample: x0).
 
@@ -103,8 +112,10 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 def schedule_tensors(noise_scheduler: DDPMScheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 sqrt(abar) and sqrt(1 - abar) on ``device`` from the runtime scheduler's float64 arrays."""
     abar = noise_scheduler.alphas_cumprod
-    return (torch.tensor(np.sqrt(abar), dtype=torch.float32, device=device),
-            torch.tensor(np.sqrt(1 - abar), dtype=torch.float32, device=device))
+    return (
+        torch.tensor(np.sqrt(abar), dtype=torch.float32, device=device),
+        torch.tensor(np.sqrt(1 - abar), dtype=torch.float32, device=device),
+    )
 
 
 class Trainer:
@@ -114,9 +125,16 @@ class Trainer:
     model config then comes from the checkpoint).
     """
 
-    def __init__(self, model_config: UNetConfig | None, train_config: TrainConfig, out_dir: str | Path,
-                 data: ImageData | None = None, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model_config: UNetConfig | None,
+        train_config: TrainConfig,
+        out_dir: str | Path,
+        data: ImageData | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ):
         self.out = Path(out_dir)
         self.progress = progress
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -136,20 +154,33 @@ class Trainer:
             self.ckpt = find_checkpoint(self.out)  # CheckpointError names what is missing
             saved_train = self.ckpt.train_config
             if model_config is not None and model_config != self.ckpt.model_config:
-                raise ValueError("--resume: the model config differs from the checkpoint's; resume takes the "
-                                 "architecture from the checkpoint (drop the model options)")
+                raise ValueError(
+                    "resume=True: the model config differs from the checkpoint's; resume takes the "
+                    "architecture from the checkpoint (pass model_config=None)"
+                )
             model_config = self.ckpt.model_config
             # the forward process must not change under a resumed model
-            for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                        "rescale_betas_zero_snr", "data"):
+            for key in (
+                "num_train_timesteps",
+                "beta_schedule",
+                "beta_start",
+                "beta_end",
+                "prediction_type",
+                "rescale_betas_zero_snr",
+                "data",
+            ):
                 if getattr(train_config, key) != getattr(saved_train, key):
-                    raise ValueError(f"--resume: {key}={getattr(train_config, key)!r} differs from the checkpoint's "
-                                     f"{getattr(saved_train, key)!r}")
+                    raise ValueError(
+                        f"resume=True: {key}={getattr(train_config, key)!r} differs from the checkpoint's "
+                        f"{getattr(saved_train, key)!r}"
+                    )
         elif self.out.exists() and any(self.out.iterdir()):
             try:
                 find_checkpoint(self.out)
-                raise FileExistsError(f"{self.out} already holds a checkpoint: pass --resume to continue it, or "
-                                      "choose another --out (nothing was overwritten)")
+                raise FileExistsError(
+                    f"{self.out} already holds a checkpoint: pass resume=True to continue it, or "
+                    "choose another out_dir (nothing was overwritten)"
+                )
             except CheckpointError:
                 pass  # a folder with other files: we only add ours
         assert model_config is not None
@@ -157,28 +188,38 @@ class Trainer:
         self.cfg = train_config
 
         # -- data ---------------------------------------------------------------------------------
-        self.data = data if data is not None else load_data(train_config.data, model_config.sample_size,
-                                                            model_config.in_channels)
+        self.data = (
+            data
+            if data is not None
+            else load_data(train_config.data, model_config.sample_size, model_config.in_channels)
+        )
         if self.data.channels != model_config.in_channels:
-            raise ValueError(f"data has {self.data.channels} channel(s) but the model expects in_channels="
-                             f"{model_config.in_channels}")
+            raise ValueError(
+                f"data has {self.data.channels} channel(s) but the model expects in_channels={model_config.in_channels}"
+            )
         if self.data.sample_size != model_config.sample_size:
             raise ValueError(f"data images are {self.data.sample_size}px but sample_size={model_config.sample_size}")
         if model_config.num_classes:
             if self.data.labels is None:
-                raise ValueError(f"num_classes={model_config.num_classes} needs labelled data (sub-folders per class "
-                                 "or an .npz with labels); this data has none")
+                raise ValueError(
+                    f"num_classes={model_config.num_classes} needs labelled data (sub-folders per class "
+                    "or an .npz with labels); this data has none"
+                )
             if int(self.data.labels.max()) >= model_config.num_classes:
-                raise ValueError(f"data has labels up to {int(self.data.labels.max())} but num_classes="
-                                 f"{model_config.num_classes}")
+                raise ValueError(
+                    f"data has labels up to {int(self.data.labels.max())} but num_classes={model_config.num_classes}"
+                )
 
         # -- model, EMA, optimizer, forward process -------------------------------------------------
         torch.manual_seed(train_config.seed)  # identical initial weights on every rank
         self.model = UNet(model_config).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr,
-                                     weight_decay=train_config.weight_decay,
-                                     betas=(train_config.adam_beta1, train_config.adam_beta2))
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=train_config.lr,
+            weight_decay=train_config.weight_decay,
+            betas=(train_config.adam_beta1, train_config.adam_beta2),
+        )
         self.noise_scheduler = DDPMScheduler(**train_config.scheduler_kwargs())
         self.sqrt_abar, self.sqrt_one_minus_abar = schedule_tensors(self.noise_scheduler, self.device)
         self.gen = torch.Generator().manual_seed(train_config.seed * 1000003 + self.rank)
@@ -195,8 +236,9 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                               else None)
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
 
     # -- state ----------------------------------------------------------------------------------------
     def _load_state(self) -> None:
@@ -209,8 +251,9 @@ class Trainer:
         state = read_trainer_state(ck)
         try:
             self.opt.load_state_dict(state["optimizer"])
-            self.gen.set_state(state["generator"][self.rank] if self.rank < len(state["generator"])
-                               else state["generator"][0])
+            self.gen.set_state(
+                state["generator"][self.rank] if self.rank < len(state["generator"]) else state["generator"][0]
+            )
             torch.set_rng_state(state["torch_rng"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -218,8 +261,9 @@ class Trainer:
             raise CheckpointError(f"{ck.path}: trainer state does not fit this run: {e}") from None
         self.step = ck.step
         if self.step > self.cfg.steps:
-            raise ValueError(f"the checkpoint is at step {self.step}, past --steps {self.cfg.steps}: raise --steps "
-                             "to train further")
+            raise ValueError(
+                f"the checkpoint is at step {self.step}, past steps={self.cfg.steps}: raise steps to train further"
+            )
         path = self.out / "metrics.jsonl"
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -246,26 +290,46 @@ class Trainer:
             gathered = [torch.empty_like(gens[0]) for _ in range(self.world)]
             torch.distributed.all_gather(gathered, gens[0])
             gens = gathered
-        state = {"optimizer": self.opt.state_dict(), "generator": gens, "torch_rng": torch.get_rng_state(),
-                 "step": self.step}
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "generator": gens,
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+        }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
     def meta(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.model_config.to_dict(),
-                "train": self.cfg.to_dict(), "null_class_label": self.model_config.null_class_label,
-                "class_names": self.data.class_names, "prediction_type": self.cfg.prediction_type,
-                "torch_version": torch.__version__, "parameters": count_parameters(self.model)}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.model_config.to_dict(),
+            "train": self.cfg.to_dict(),
+            "null_class_label": self.model_config.null_class_label,
+            "class_names": self.data.class_names,
+            "prediction_type": self.cfg.prediction_type,
+            "torch_version": torch.__version__,
+            "parameters": count_parameters(self.model),
+        }
 
     def save(self) -> None:
         state = self._trainer_state()  # collective under DDP: every rank calls save()
         if not self.is_main:
             return
-        scheduler_json = json.dumps({"_class_name": "DDPMScheduler", **self.noise_scheduler.diffusers_config()},
-                                    indent=2) + "\n"
-        save_checkpoint(self.out, self.step, self.model.state_dict(), self.ema.state_dict(), state, self.meta(),
-                        scheduler_json, keep_last=self.cfg.keep_last)
+        scheduler_json = (
+            json.dumps({"_class_name": "DDPMScheduler", **self.noise_scheduler.diffusers_config()}, indent=2) + "\n"
+        )
+        save_checkpoint(
+            self.out,
+            self.step,
+            self.model.state_dict(),
+            self.ema.state_dict(),
+            state,
+            self.meta(),
+            scheduler_json,
+            keep_last=self.cfg.keep_last,
+        )
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         self._plot_loss()
 
@@ -300,10 +364,15 @@ class Trainer:
         labels = None
         if self.model_config.num_classes:
             labels = np.arange(num_images) % self.model_config.num_classes
-        x = sample(runner, scheduler, (num_images, self.model_config.in_channels, self.model_config.sample_size,
-                                      self.model_config.sample_size),
-                   num_inference_steps=steps or self.cfg.sample_steps, generator=TorchGenerator(seed),
-                   class_labels=labels, null_class_label=self.model_config.null_class_label)
+        x = sample(
+            runner,
+            scheduler,
+            (num_images, self.model_config.in_channels, self.model_config.sample_size, self.model_config.sample_size),
+            num_inference_steps=steps or self.cfg.sample_steps,
+            generator=TorchGenerator(seed),
+            class_labels=labels,
+            null_class_label=self.model_config.null_class_label,
+        )
         return image_grid(to_images(x, "uint8"), scale=max(1, 64 // self.model_config.sample_size))
 
     def _write_samples(self) -> None:
@@ -333,11 +402,22 @@ class Trainer:
         x0, t, noise, labels = self._batch()
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
-        loss = diffusion_loss(self.ddp or self.model, x0, t, noise, labels, self.sqrt_abar, self.sqrt_one_minus_abar,
-                              cfg.prediction_type, cfg.loss_type, cfg.mixed_precision)
+        loss = diffusion_loss(
+            self.ddp or self.model,
+            x0,
+            t,
+            noise,
+            labels,
+            self.sqrt_abar,
+            self.sqrt_one_minus_abar,
+            cfg.prediction_type,
+            cfg.loss_type,
+            cfg.mixed_precision,
+        )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {self.step + 1}; lower --lr or use "
-                                     "mixed_precision='no'")
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {self.step + 1}; lower lr or use mixed_precision='no'"
+            )
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -370,10 +450,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.ckpt is None and not self.metrics:  # a fresh run: no rows of an earlier, unsaved attempt
                 atomic_write_text(self.out / "metrics.jsonl", "")
-            self.log(f"training {count_parameters(self.model):,} parameters on {len(self.data)} images "
-                     f"({self.data.source}) for {cfg.steps - self.step} steps on {self.device}"
-                     + (f" x {self.world} processes" if self.world > 1 else "")
-                     + (f", resuming at step {self.step}" if self.step else ""))
+            self.log(
+                f"training {count_parameters(self.model):,} parameters on {len(self.data)} images "
+                f"({self.data.source}) for {cfg.steps - self.step} steps on {self.device}"
+                + (f" x {self.world} processes" if self.world > 1 else "")
+                + (f", resuming at step {self.step}" if self.step else "")
+            )
         stop = {"requested": False}
 
         def _request_stop(signum, frame):  # finish the current step, then save
@@ -400,10 +482,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, cfg):.2e}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - start
-                    self._log_metrics({"step": self.step, "loss": float(np.mean(window)),
-                                       "lr": lr_at(self.step - 1, cfg),
-                                       "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
-                                       "time_s": elapsed})
+                    self._log_metrics(
+                        {
+                            "step": self.step,
+                            "loss": float(np.mean(window)),
+                            "lr": lr_at(self.step - 1, cfg),
+                            "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
+                            "time_s": elapsed,
+                        }
+                    )
                     window = []
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
@@ -417,22 +504,39 @@ class Trainer:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         if window:
-            self._log_metrics({"step": self.step, "loss": float(np.mean(window)), "lr": lr_at(self.step - 1, cfg),
-                               "time_s": time.perf_counter() - start})
+            self._log_metrics(
+                {
+                    "step": self.step,
+                    "loss": float(np.mean(window)),
+                    "lr": lr_at(self.step - 1, cfg),
+                    "time_s": time.perf_counter() - start,
+                }
+            )
         self.save()
         if self.is_main and not (interrupted or stop["requested"]) and cfg.sample_every:
             self._write_samples()
         elapsed = time.perf_counter() - start
         if self.is_main:
             verb = "interrupted; saved" if (interrupted or stop["requested"]) else "done; saved"
-            self.log(f"{verb} step {self.step} to {self.out} ({elapsed:.1f} s, "
-                     f"{(self.step - start_step) / max(elapsed, 1e-9):.2f} steps/s)")
-        return {"step": self.step, "seconds": elapsed, "interrupted": interrupted or stop["requested"],
-                "final_loss": self.metrics[-1]["loss"] if self.metrics else None}
+            self.log(
+                f"{verb} step {self.step} to {self.out} ({elapsed:.1f} s, "
+                f"{(self.step - start_step) / max(elapsed, 1e-9):.2f} steps/s)"
+            )
+        return {
+            "step": self.step,
+            "seconds": elapsed,
+            "interrupted": interrupted or stop["requested"],
+            "final_loss": self.metrics[-1]["loss"] if self.metrics else None,
+        }
 
 
-def train(model_config: UNetConfig | None, train_config: TrainConfig, out_dir: str | Path,
-          resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    model_config: UNetConfig | None,
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it; see ``deploy-diff train --help``."""
     trainer = Trainer(model_config, train_config, out_dir, resume=resume, progress=progress)
     try:

@@ -39,8 +39,10 @@ def test_errors_are_one_line_and_non_zero(tmp_path, capsys):
 
 
 def test_console_script_runs_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; from deploy_diff.cli import main; "
-            "sys.exit(main(['timesteps', '--scheduler', 'ddim', '--steps', '3']))")
+    code = (
+        "import sys; sys.modules['torch'] = None; from deploy_diff.cli import main; "
+        "sys.exit(main(['timesteps', '--scheduler', 'ddim', '--steps', '3']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "666 333 0" in out.stdout
@@ -54,12 +56,55 @@ def test_cli_sample_grid_and_npz(cond_run_bundle, tmp_path, capsys):
     from deploy_diff.runtime import Pipeline
 
     png = tmp_path / "grid.png"
-    assert main(["sample", str(cond_run_bundle), "--scheduler", "dpmsolver++", "--steps", "5", "-n", "6", "--seed",
-                 "0", "--guidance", "2", "--class", "7", "--out", str(png), "--no-progress", "--nrow", "3"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(cond_run_bundle),
+                "--scheduler",
+                "dpmsolver++",
+                "--steps",
+                "5",
+                "-n",
+                "6",
+                "--seed",
+                "0",
+                "--guidance",
+                "2",
+                "--class",
+                "7",
+                "--out",
+                str(png),
+                "--no-progress",
+                "--nrow",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "6 image(s), DPMSolverMultistepScheduler, 5 steps" in capsys.readouterr().out
     assert Image.open(png).size[0] > Image.open(png).size[1]  # 3 per row, 2 rows
-    assert main(["sample", str(cond_run_bundle), "--steps", "4", "-n", "3", "--seed", "2", "--class", "1,2,3",
-                 "--npz", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(cond_run_bundle),
+                "--steps",
+                "4",
+                "-n",
+                "3",
+                "--seed",
+                "2",
+                "--class",
+                "1,2,3",
+                "--npz",
+                "--out",
+                str(tmp_path / "s"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = np.load(tmp_path / "s.npz")
     want = Pipeline.from_bundle(cond_run_bundle)(num_images=3, num_inference_steps=4, seed=2, class_labels=[1, 2, 3])
     np.testing.assert_array_equal(data["images"], want)
@@ -67,8 +112,22 @@ def test_cli_sample_grid_and_npz(cond_run_bundle, tmp_path, capsys):
 
 
 def test_cli_sample_errors_are_one_line(cond_run_bundle, tmp_path, capsys):
-    assert main(["sample", str(cond_run_bundle), "--class", "12", "--steps", "2", "--out", str(tmp_path / "x.png"),
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "sample",
+                str(cond_run_bundle),
+                "--class",
+                "12",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "x.png"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "class_labels must lie in 0..9" in err
     assert not (tmp_path / "x.png").exists()
@@ -79,8 +138,25 @@ def test_cli_sample_errors_are_one_line(cond_run_bundle, tmp_path, capsys):
 def test_cli_bench_against_diffusers(diffusers_bundle, tmp_path, capsys):
     import json
 
-    assert main(["bench", str(diffusers_bundle), "--steps", "3", "--batch", "1,2", "--repeats", "1", "--threads", "1",
-                 "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(diffusers_bundle),
+                "--steps",
+                "3",
+                "--batch",
+                "1,2",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "speedup" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
@@ -97,12 +173,10 @@ def test_cli_bench_without_a_baseline(cond_run_bundle, capsys):
 def test_cli_demo_runs_the_whole_chain(tmp_path, capsys):
     from PIL import Image
 
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--sample-steps", "2",
-                 "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--sample-steps", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "train (torch)" in out and "export + validate" in out and "sample 100" in out
     grid = Image.open(tmp_path / "demo" / "grid.png")
     assert grid.size == (10 * 33 + 1, 10 * 33 + 1)
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--sample-steps", "2",
-                 "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--sample-steps", "2", "--no-progress"]) == 0
     assert "reusing" in capsys.readouterr().out

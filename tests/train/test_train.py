@@ -150,11 +150,14 @@ def test_arrays_source(tmp_path):
         load_data(str(tmp_path / "bad.npy"), 8)
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda p: None, "does not exist"),
-    (lambda p: p.mkdir(), "holds no images"),
-    (lambda p: (p.mkdir(), (p / "x.png").write_bytes(b"junk")), "no readable image"),
-])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "holds no images"),
+        (lambda p: (p.mkdir(), (p / "x.png").write_bytes(b"junk")), "no readable image"),
+    ],
+)
 def test_bad_data_is_refused(tmp_path, setup, match):
     folder = tmp_path / "data"
     setup(folder)
@@ -164,10 +167,16 @@ def test_bad_data_is_refused(tmp_path, setup, match):
             load_data(str(folder), 8, channels=3)
 
 
-@pytest.mark.parametrize("kw,match", [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"),
-                                       ({"prediction_type": "eps"}, "prediction_type"),
-                                       ({"beta_schedule": "karras_seed"}, "beta_schedule"),
-                                       ({"mixed_precision": "fp8"}, "mixed_precision")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"prediction_type": "eps"}, "prediction_type"),
+        ({"beta_schedule": "karras_seed"}, "beta_schedule"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ],
+)
 def test_invalid_config_values(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
@@ -187,11 +196,11 @@ def test_resume_from_a_non_checkpoint_folder_is_refused(tmp_path):
 def test_bad_input_leaves_existing_checkpoint_untouched(tmp_path):
     Trainer(TINY, tiny_train_config(steps=2), tmp_path, progress=False).train()
     before = {p.name: sha256_file(p) for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass resume=True"):
         Trainer(TINY, tiny_train_config(steps=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="beta_schedule"):
         Trainer(None, tiny_train_config(steps=4, beta_schedule="cosine"), tmp_path, resume=True, progress=False)
-    with pytest.raises(ValueError, match="past --steps"):
+    with pytest.raises(ValueError, match="past steps=1"):
         Trainer(None, tiny_train_config(steps=1), tmp_path, resume=True, progress=False)
     assert before == {p.name: sha256_file(p) for p in tmp_path.iterdir() if p.is_file()}
 
@@ -215,8 +224,23 @@ def test_mismatched_weights_are_refused(tmp_path):
 
 def test_cli_train_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--out", str(out), "--steps", "2", "--batch-size", "8", "--no-progress",
-            "--sample-every", "0", "--save-every", "0", *TINY_FLAGS]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "0",
+        *TINY_FLAGS,
+    ]
     assert main(args) == 0
     assert main(["train", "--out", str(out), "--steps", "3", "--resume", "--no-progress"]) == 0
     assert find_checkpoint(out).step == 3
@@ -235,9 +259,32 @@ def _free_port() -> int:
 def test_ddp_two_cpu_processes(tmp_path):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "deploy_diff.cli", "train", "--data", "digits", "--out", str(tmp_path / "ddp"), "--steps", "3",
-           "--batch-size", "8", "--no-progress", "--sample-every", "0", "--device", "cpu", *TINY_FLAGS]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "deploy_diff.cli",
+        "train",
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        *TINY_FLAGS,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ck = find_checkpoint(tmp_path / "ddp")
