@@ -1,6 +1,6 @@
 """Wall time and sample quality against the number of steps, for each runtime scheduler, on a digits bundle.
 
-The seed's DDPM-vs-DDIM table, measured instead of asserted.
+How many steps each scheduler needs (DDPM's hundreds against the ODE solvers' tens), measured.
 
     .venv/bin/python benchmarks/scheduler_sweep.py BUNDLE [--schedulers ddpm,ddim,dpmsolver++,unipc,euler,euler_a,heun]
         [--steps 5,10,20,50,100] [--ddpm-steps 50,100,250,1000] [--num-images 500] [--batch 250] [--seed 0]
@@ -98,25 +98,45 @@ def _int_list(text: str, what: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="an exported bundle folder (deploy-diff export)")
-    parser.add_argument("--schedulers", default=None,
-                        help=f"comma-separated, from {','.join(SCHEDULER_NAMES)} (default {DEFAULT_SCHEDULERS})")
-    parser.add_argument("--steps", default=None, help=f"step counts of every scheduler but ddpm (default "
-                                                      f"{DEFAULT_STEPS})")
+    parser.add_argument(
+        "--schedulers",
+        default=None,
+        help=f"comma-separated, from {','.join(SCHEDULER_NAMES)} (default {DEFAULT_SCHEDULERS})",
+    )
+    parser.add_argument(
+        "--steps", default=None, help=f"step counts of every scheduler but ddpm (default {DEFAULT_STEPS})"
+    )
     parser.add_argument("--ddpm-steps", default=DEFAULT_DDPM_STEPS, help="step counts of ddpm (default %(default)s)")
     parser.add_argument("--num-images", type=int, default=None, help="images per row (default 500)")
     parser.add_argument("--batch", type=int, default=250, help="images per Pipeline call (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="the chunk starting at image i is seeded seed + i (default %(default)s)")
-    parser.add_argument("--per-image-seeds", action="store_true",
-                        help="one generator per image (seed + i): images independent of --batch, slower noise")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads (default: its own choice, one per physical core)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (conditional bundles with a null label; default none)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output prefix: <out>.md, .json, .png, _samples.png "
-                                                           "(default %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: ddim,dpmsolver++ at 5,20 steps, 100 images (explicit options still win)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the chunk starting at image i is seeded seed + i (default %(default)s)"
+    )
+    parser.add_argument(
+        "--per-image-seeds",
+        action="store_true",
+        help="one generator per image (seed + i): images independent of --batch, slower noise",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: its own choice, one per physical core)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (conditional bundles with a null label; default none)",
+    )
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="output prefix: <out>.md, .json, .png, _samples.png (default %(default)s)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: ddim,dpmsolver++ at 5,20 steps, 100 images (explicit options still win)",
+    )
     args = parser.parse_args(argv)
 
     quick = QUICK if args.quick else {}
@@ -145,8 +165,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
-def run_row(pipe: Pipeline, num_images: int, steps: int, batch: int, seed: int, labels: np.ndarray | None,
-            guidance: float | None, per_image_seeds: bool = False) -> tuple[np.ndarray, float, int]:
+def run_row(
+    pipe: Pipeline,
+    num_images: int,
+    steps: int,
+    batch: int,
+    seed: int,
+    labels: np.ndarray | None,
+    guidance: float | None,
+    per_image_seeds: bool = False,
+) -> tuple[np.ndarray, float, int]:
     """Sample ``num_images`` images in chunks; return (images float32 [N, H, W, C], seconds, model calls per
     image)."""
     counter = pipe.runner
@@ -158,9 +186,16 @@ def run_row(pipe: Pipeline, num_images: int, steps: int, batch: int, seed: int, 
     for i in range(0, num_images, batch):
         n = min(batch, num_images - i)
         seeds = [seed + i + k for k in range(n)] if per_image_seeds else seed + i
-        out.append(pipe(num_images=n, num_inference_steps=steps, seed=seeds,
-                        class_labels=None if labels is None else labels[i:i + n], guidance_scale=guidance,
-                        output_type="np"))
+        out.append(
+            pipe(
+                num_images=n,
+                num_inference_steps=steps,
+                seed=seeds,
+                class_labels=None if labels is None else labels[i : i + n],
+                guidance_scale=guidance,
+                output_type="np",
+            )
+        )
         chunks += 1
     seconds = time.perf_counter() - start
     if counter.calls % chunks:
@@ -178,8 +213,15 @@ def _fmt_row(row: dict[str, Any], conditional: bool) -> str:
     def num(v: Any, spec: str) -> str:
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
-    cells = [row["scheduler"], str(row["steps"]), num(row["model_calls"], "d"), num(row["wall_s"], ".2f"),
-             num(row["ms_per_image"], ".2f"), num(row["fd"], ".3f"), num(row["fd_ratio"], ".2f")]
+    cells = [
+        row["scheduler"],
+        str(row["steps"]),
+        num(row["model_calls"], "d"),
+        num(row["wall_s"], ".2f"),
+        num(row["ms_per_image"], ".2f"),
+        num(row["fd"], ".3f"),
+        num(row["fd_ratio"], ".2f"),
+    ]
     if conditional:
         cells.append(num(row.get("class_agreement"), ".3f"))
     line = "| " + " | ".join(cells) + " |"
@@ -190,6 +232,17 @@ def table_lines(conditional: bool, num_images: int) -> list[str]:
     cols = _columns(conditional, num_images)
     align = ["---", "---:"] + ["---:"] * (len(cols) - 2)
     return ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
+
+
+def _config_line(config: dict[str, Any] | None) -> list[str]:
+    """The bundle's scheduler settings every row starts from (clip_sample decides DDIM's behaviour at many steps)."""
+    if config is None:
+        return []
+    keys = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "clip_sample")
+    cells = [f"{k} {config[k]}" for k in keys if k in config]
+    if "clip_sample" not in config:
+        cells.append("clip_sample not set (DDPM and DDIM then default to True)")
+    return ["Scheduler config of the bundle (scheduler_config.json): " + ", ".join(cells) + ".", ""]
 
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -204,14 +257,19 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{threads} intra-op threads), {meta['platform']}, {meta['date']}.",
         "",
         f"{meta['num_images']} images per row in chunks of {meta['batch']}, "
-        + (f"image i seeded {meta['seed']} + i" if meta["per_image_seeds"]
-           else f"the chunk from image i seeded {meta['seed']} + i")
+        + (
+            f"image i seeded {meta['seed']} + i"
+            if meta["per_image_seeds"]
+            else f"the chunk from image i seeded {meta['seed']} + i"
+        )
         + (f", labels arange(n) % {meta['num_classes']}" if cond else "")
-        + (f", guidance {meta['guidance']}" if meta["guidance"] is not None else ", no guidance") + ". "
+        + (f", guidance {meta['guidance']}" if meta["guidance"] is not None else ", no guidance")
+        + ". "
         f"FD: Frechet distance to real digits in a digits classifier's feature space; real-data floor "
         f"{meta['floor']:.3f} (held-out real digits), FD ratio = FD / floor (1.0 = as good as real data). "
         "Model calls: UNet evaluations per image. Wall s: all images, sampling only.",
         "",
+        *_config_line(meta.get("scheduler_config")),
         *table_lines(cond, meta["num_images"]),
         *(_fmt_row(r, cond) for r in rows),
         "",
@@ -258,6 +316,7 @@ def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         ax_steps.minorticks_off()
     # plain numbers (0.3, 2, 50) rather than 3x10^-1 on the log axes
     axes = [ax_time.xaxis] + ([ax_steps.yaxis, ax_time.yaxis] if log_y else [])
+
     def minor(v: float, _pos: Any) -> str:  # label 2x and 5x of each decade
         return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
 
@@ -270,9 +329,11 @@ def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     ax_time.set_title("quality vs wall time")
     ax_steps.legend(fontsize=8)
     threads = meta["threads"] if meta["threads"] is not None else "default"
-    fig.suptitle(f"{Path(meta['bundle']).name}: {meta['num_images']} images, batch {meta['batch']}, ORT CPU "
-                 f"threads {threads}" + (f", guidance {meta['guidance']}" if meta["guidance"] is not None else ""),
-                 fontsize=10)
+    fig.suptitle(
+        f"{Path(meta['bundle']).name}: {meta['num_images']} images, batch {meta['batch']}, ORT CPU "
+        f"threads {threads}" + (f", guidance {meta['guidance']}" if meta["guidance"] is not None else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -295,29 +356,50 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     meta: dict[str, Any] = {
-        "bundle": str(args.bundle), "conditional": model.conditional, "num_classes": model.num_classes,
-        "sample_size": list(model.sample_size), "in_channels": model.in_channels,
-        "prediction_type": model.prediction_type, "num_images": args.num_images, "batch": args.batch,
-        "seed": args.seed, "per_image_seeds": args.per_image_seeds, "guidance": args.guidance,
-        "threads": args.threads, "cpu_count": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "onnxruntime": onnxruntime.__version__,
-        "platform": platform.platform(), "python": platform.python_version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "floor": quality.floor,
-        "classifier_test_accuracy": quality.test_accuracy, "schedulers": args.schedulers, "steps": args.steps,
+        "bundle": str(args.bundle),
+        "conditional": model.conditional,
+        "num_classes": model.num_classes,
+        "sample_size": list(model.sample_size),
+        "in_channels": model.in_channels,
+        "prediction_type": model.prediction_type,
+        "num_images": args.num_images,
+        "batch": args.batch,
+        "seed": args.seed,
+        "per_image_seeds": args.per_image_seeds,
+        "guidance": args.guidance,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "floor": quality.floor,
+        "classifier_test_accuracy": quality.test_accuracy,
+        "schedulers": args.schedulers,
+        "steps": args.steps,
         "ddpm_steps": args.ddpm_steps,
+        "scheduler_config": dict(base.scheduler_config),
     }
 
     # untimed warm-up at the chunk size: session start-up and arena growth are not charged to the first row
     warm = Pipeline(counter, model, base.scheduler_config, scheduler="ddim")
     warm_n = min(args.batch, args.num_images)
-    warm(num_images=warm_n, num_inference_steps=1, seed=0, guidance_scale=args.guidance,
-         class_labels=None if labels is None else labels[:warm_n])
+    warm(
+        num_images=warm_n,
+        num_inference_steps=1,
+        seed=0,
+        guidance_scale=args.guidance,
+        class_labels=None if labels is None else labels[:warm_n],
+    )
 
     rows: list[dict[str, Any]] = []
     pipe_shape = (*model.sample_size, model.in_channels)
     strips: list[np.ndarray] = []
-    print(f"floor {quality.floor:.3f} (real held-out digits); {args.num_images} images per row, batch {args.batch}",
-          flush=True)
+    print(
+        f"floor {quality.floor:.3f} (real held-out digits); {args.num_images} images per row, batch {args.batch}",
+        flush=True,
+    )
     for line in table_lines(model.conditional, args.num_images):
         print(line, flush=True)
     for name in args.schedulers:
@@ -325,16 +407,28 @@ def main(argv: list[str] | None = None) -> None:
         for steps in args.ddpm_steps if name == "ddpm" else args.steps:
             row: dict[str, Any] = {"scheduler": name, "steps": steps}
             try:
-                images, seconds, calls = run_row(pipe, args.num_images, steps, args.batch, args.seed, labels,
-                                                 args.guidance, args.per_image_seeds)
+                images, seconds, calls = run_row(
+                    pipe, args.num_images, steps, args.batch, args.seed, labels, args.guidance, args.per_image_seeds
+                )
             except NonFiniteError as e:
-                row.update(model_calls=None, wall_s=None, ms_per_image=None, fd=None, fd_ratio=None,
-                           error=f"{type(e).__name__}: {e}")
+                row.update(
+                    model_calls=None,
+                    wall_s=None,
+                    ms_per_image=None,
+                    fd=None,
+                    fd_ratio=None,
+                    error=f"{type(e).__name__}: {e}",
+                )
                 strips.append(np.zeros((0, *pipe_shape), dtype=np.float32))  # a blank grid row
             else:
                 score = quality.score(images, labels)
-                row.update(model_calls=calls, wall_s=seconds, ms_per_image=1000 * seconds / args.num_images,
-                           fd=score["fd"], fd_ratio=score["ratio"])
+                row.update(
+                    model_calls=calls,
+                    wall_s=seconds,
+                    ms_per_image=1000 * seconds / args.num_images,
+                    fd=score["fd"],
+                    fd_ratio=score["ratio"],
+                )
                 if "class_agreement" in score:
                     row["class_agreement"] = score["class_agreement"]
                 strips.append(images[:STRIP])
@@ -346,8 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     if strips:
         tiles = np.concatenate([np.pad(s, ((0, STRIP - len(s)), (0, 0), (0, 0), (0, 0))) for s in strips])
         scale = max(1, 32 // max(model.sample_size))
-        save_png(image_grid(to_uint8(tiles), nrow=STRIP, padding=2, scale=scale),
-                 out.with_name(out.name + "_samples.png"))
+        save_png(
+            image_grid(to_uint8(tiles), nrow=STRIP, padding=2, scale=scale), out.with_name(out.name + "_samples.png")
+        )
     print(f"wrote {out}.md, {out}.json, {out}.png, {out}_samples.png", flush=True)
 
 
