@@ -1,4 +1,5 @@
-"""Training room (torch): UNet, data, trainer, checkpoints, and the seed document's API.
+"""Training (torch): UNet, data, trainer, checkpoints, and the ``DiffusionConfig`` / ``DiffusionModel`` API
+of :mod:`deploy_diff.train.api`.
 
 Imports ``deploy_diff.runtime``; never imported by it. Names are loaded on first use so that
 ``import deploy_diff.train`` stays cheap.
@@ -10,9 +11,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "UNet": "unet", "UNetConfig": "unet", "TrainConfig": "config", "Trainer": "trainer", "train": "trainer",
-    "TorchRunner": "runner", "load_data": "data", "find_checkpoint": "checkpoint",
-    "DiffusionConfig": "api", "DiffusionModel": "api", "DiffusionTrainer": "api", "DiffusionAnalyzer": "api",
+    "UNet": "unet",
+    "UNetConfig": "unet",
+    "TrainConfig": "config",
+    "Trainer": "trainer",
+    "train": "trainer",
+    "TorchRunner": "runner",
+    "load_data": "data",
+    "find_checkpoint": "checkpoint",
+    "DiffusionConfig": "api",
+    "DiffusionModel": "api",
+    "DiffusionTrainer": "api",
+    "DiffusionAnalyzer": "api",
     "SchedulerType": "api",
 }
 __all__ = sorted(_EXPORTS)

@@ -29,13 +29,13 @@ class UNetConfig:
     sample_size: int = 8
     in_channels: int = 1
     out_channels: int = 1
-    base_channels: int = 32          # the seed's ``hidden_size``
+    base_channels: int = 32  # ``DiffusionConfig.hidden_size`` (deploy_diff.train.api)
     channel_mult: tuple[int, ...] = (1, 2)
-    layers_per_block: int = 1        # the seed's ``num_layers``
+    layers_per_block: int = 1  # ``DiffusionConfig.num_layers``
     attention_resolutions: tuple[int, ...] = (4,)  # feature-map sizes that get self-attention
     num_heads: int = 4
     dropout: float = 0.0
-    num_classes: int = 0             # 0 = unconditional; else labels 0..num_classes-1 plus a null label
+    num_classes: int = 0  # 0 = unconditional; else labels 0..num_classes-1 plus a null label
     gradient_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # reserved, kept for forward compatibility
 
@@ -43,8 +43,7 @@ class UNetConfig:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         problems = []
-        for name in ("sample_size", "in_channels", "out_channels", "base_channels", "layers_per_block",
-                     "num_heads"):
+        for name in ("sample_size", "in_channels", "out_channels", "base_channels", "layers_per_block", "num_heads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"{name} must be a positive int (got {v!r})")
@@ -57,8 +56,7 @@ class UNetConfig:
         if not problems:
             down = 2 ** (len(self.channel_mult) - 1)
             if self.sample_size % down:
-                problems.append(f"sample_size={self.sample_size} must be divisible by 2**(len(channel_mult)-1)"
-                                f"={down}")
+                problems.append(f"sample_size={self.sample_size} must be divisible by 2**(len(channel_mult)-1)={down}")
             for m in self.channel_mult:
                 ch = self.base_channels * m
                 if ch % _groups(ch):
@@ -141,8 +139,8 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         heads = self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(b, 3, heads, c // heads, h * w)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                  # [B, heads, d, HW]
-        scale = 1.0 / math.sqrt(math.sqrt(c // heads))             # split between q and k for fp16 range
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B, heads, d, HW]
+        scale = 1.0 / math.sqrt(math.sqrt(c // heads))  # split between q and k for fp16 range
         attn = torch.einsum("bhdi,bhdj->bhij", q * scale, k * scale).softmax(dim=-1)
         out = torch.einsum("bhij,bhdj->bhdi", attn, v).reshape(b, c, h, w)
         return x + self.proj(out)
@@ -199,9 +197,13 @@ class UNet(nn.Module):
                 skip_channels.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, config.dropout),
-                                  AttentionBlock(cur, config.num_heads),
-                                  ResBlock(cur, cur, emb_dim, config.dropout)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(cur, cur, emb_dim, config.dropout),
+                AttentionBlock(cur, config.num_heads),
+                ResBlock(cur, cur, emb_dim, config.dropout),
+            ]
+        )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -233,14 +235,16 @@ class UNet(nn.Module):
                 h = block(h)
         return h
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """float32[B, C, H, W], float[B], int64[B] | None -> float32[B, C_out, H, W]."""
         emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))
         if self.class_emb is not None:
             if class_labels is None:  # unconditional sampling through the null label
-                class_labels = torch.full((sample.shape[0],), self.config.num_classes, dtype=torch.long,
-                                          device=sample.device)
+                class_labels = torch.full(
+                    (sample.shape[0],), self.config.num_classes, dtype=torch.long, device=sample.device
+                )
             emb = emb + self.class_emb(class_labels)
         h = self.conv_in(sample)
         skips = [h]
