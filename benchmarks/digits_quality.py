@@ -27,8 +27,15 @@ from deploy_diff.train.runner import TorchRunner
 from deploy_diff.train.unet import UNet
 
 
-def generate(run_dir: str, num_images: int, steps: int, scheduler_name: str, guidance: float | None,
-             seed: int = 0, batch: int = 256) -> tuple[np.ndarray, np.ndarray | None, float]:
+def generate(
+    run_dir: str,
+    num_images: int,
+    steps: int,
+    scheduler_name: str,
+    guidance: float | None,
+    seed: int = 0,
+    batch: int = 256,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
     ck = find_checkpoint(run_dir)
     model = UNet(ck.model_config).eval()
     model.load_state_dict(ck.ema_state)
@@ -40,9 +47,16 @@ def generate(run_dir: str, num_images: int, steps: int, scheduler_name: str, gui
     for i in range(0, num_images, batch):
         n = min(batch, num_images - i)
         scheduler = scheduler_from_name(scheduler_name, ck.path / "scheduler_config.json")
-        x = sample(runner, scheduler, (n, cfg.in_channels, cfg.sample_size, cfg.sample_size), steps,
-                   generator=TorchGenerator(seed + i), class_labels=None if labels is None else labels[i:i + n],
-                   null_class_label=cfg.null_class_label, guidance_scale=guidance if cfg.num_classes else None)
+        x = sample(
+            runner,
+            scheduler,
+            (n, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            steps,
+            generator=TorchGenerator(seed + i),
+            class_labels=None if labels is None else labels[i : i + n],
+            null_class_label=cfg.null_class_label,
+            guidance_scale=guidance if cfg.num_classes else None,
+        )
         out.append(to_images(x, "np"))
     return np.concatenate(out), labels, time.perf_counter() - start
 
@@ -58,16 +72,29 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     quality = DigitsQuality()
-    images, labels, seconds = generate(args.run_dir, args.num_images, args.steps, args.scheduler, args.guidance,
-                                       args.seed)
+    images, labels, seconds = generate(
+        args.run_dir, args.num_images, args.steps, args.scheduler, args.guidance, args.seed
+    )
     result = quality.score(images, labels)
-    result.update({"run_dir": args.run_dir, "scheduler": args.scheduler, "steps": args.steps,
-                   "guidance": args.guidance, "sampling_seconds": seconds, "torch_threads": torch.get_num_threads()})
-    print(f"Frechet distance {result['fd']:.3f}  real-data floor {result['floor']:.3f}  "
-          f"ratio {result['ratio']:.2f}  ({result['num_images']} images, {args.scheduler} {args.steps} steps)")
+    result.update(
+        {
+            "run_dir": args.run_dir,
+            "scheduler": args.scheduler,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "sampling_seconds": seconds,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
+    print(
+        f"Frechet distance {result['fd']:.3f}  real-data floor {result['floor']:.3f}  "
+        f"ratio {result['ratio']:.2f}  ({result['num_images']} images, {args.scheduler} {args.steps} steps)"
+    )
     if "class_agreement" in result:
-        print(f"class agreement {result['class_agreement']:.3f} (classifier test accuracy "
-              f"{result['classifier_test_accuracy']:.3f})")
+        print(
+            f"class agreement {result['class_agreement']:.3f} (classifier test accuracy "
+            f"{result['classifier_test_accuracy']:.3f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

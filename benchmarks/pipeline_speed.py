@@ -32,12 +32,25 @@ from deploy_diff.runtime._fileio import atomic_write_text
 from deploy_diff.runtime.bundle import load_bundle
 
 MODELS = {
-    "digits": dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                   norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                   up_block_types=("AttnUpBlock2D", "UpBlock2D")),
-    "cifar": dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-                  layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "digits": dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ),
+    "cifar": dict(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ),
 }
 
 OUT_SCALE = {"digits": 0.2, "cifar": 0.02}
@@ -61,8 +74,10 @@ def build(name: str, root: Path) -> Path:
     manifest = export_bundle(load_diffusers_source(folder), root / f"{name}-bundle", log=None)
     secs = manifest["export"]["seconds"]["total_s"]
     err = manifest["export"]["validation"]["fp32"]["max_error"]
-    print(f"{name}: {params / 1e6:.2f}M parameters, exported + validated in {secs:.1f} s (max error {err:.1e})",
-          flush=True)
+    print(
+        f"{name}: {params / 1e6:.2f}M parameters, exported + validated in {secs:.1f} s (max error {err:.1e})",
+        flush=True,
+    )
     return root / f"{name}-bundle"
 
 
@@ -87,24 +102,45 @@ def main() -> None:
             bundle = load_bundle(bundle_dir)
             pipe = Pipeline.from_bundle(bundle, scheduler="ddim", num_threads=args.threads)
             baseline = diffusers_baseline(bundle, "ddim", args.threads)
-            print(f"{'model':<7} {'batch':>5} {'diffusers s':>12} {'ours s':>9} {'speedup':>8} {'model %':>8} "
-                  f"{'max|diff|':>10}", flush=True)
+            print(
+                f"{'model':<7} {'batch':>5} {'diffusers s':>12} {'ours s':>9} {'speedup':>8} {'model %':>8} "
+                f"{'max|diff|':>10}",
+                flush=True,
+            )
             for batch in batches:
                 ours, images = time_pipeline(pipe, batch, args.steps, repeats=args.repeats)
                 best, runs, ref = time_call(lambda b=batch, f=baseline: f(b, args.steps, 0), repeats=args.repeats)
                 diff = float(abs(ref - images).max())
-                row = {"model": name, "batch": batch, "steps": args.steps, "diffusers_s": best, "ours_s": ours.seconds,
-                       "speedup": best / ours.seconds, "model_share": ours.model_seconds / ours.seconds,
-                       "max_abs_diff": diff, "threads": args.threads}
+                row = {
+                    "model": name,
+                    "batch": batch,
+                    "steps": args.steps,
+                    "diffusers_s": best,
+                    "ours_s": ours.seconds,
+                    "speedup": best / ours.seconds,
+                    "model_share": ours.model_seconds / ours.seconds,
+                    "max_abs_diff": diff,
+                    "threads": args.threads,
+                }
                 results.append(row)
-                print(f"{name:<7} {batch:>5} {best:>12.3f} {ours.seconds:>9.3f} {row['speedup']:>7.2f}x "
-                      f"{100 * row['model_share']:>7.0f}% {diff:>10.1e}", flush=True)
+                print(
+                    f"{name:<7} {batch:>5} {best:>12.3f} {ours.seconds:>9.3f} {row['speedup']:>7.2f}x "
+                    f"{100 * row['model_share']:>7.0f}% {diff:>10.1e}",
+                    flush=True,
+                )
             if not args.no_cold_start:
                 cs = cold_start(bundle, repeats=args.repeats, threads=args.threads)
                 o, d = cs["ours"], cs.get("diffusers")
-                print(f"{name} cold start: ours {o['seconds']:.2f} s / {o['peak_rss_bytes'] / 2**20:.0f} MiB"
-                      + (f", diffusers {d['seconds']:.2f} s / {d['peak_rss_bytes'] / 2**20:.0f} MiB: "
-                         f"{cs['speedup']:.1f}x faster, {cs['rss_ratio']:.1f}x smaller" if d else ""), flush=True)
+                print(
+                    f"{name} cold start: ours {o['seconds']:.2f} s / {o['peak_rss_bytes'] / 2**20:.0f} MiB"
+                    + (
+                        f", diffusers {d['seconds']:.2f} s / {d['peak_rss_bytes'] / 2**20:.0f} MiB: "
+                        f"{cs['speedup']:.1f}x faster, {cs['rss_ratio']:.1f}x smaller"
+                        if d
+                        else ""
+                    ),
+                    flush=True,
+                )
                 results.append({"model": name, "cold_start": cs})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,6 @@ CASES = [
 SHAPES = [(1, 4, 64, 64), (8, 1, 16, 16)]
 
 
-
-
 def time_loop(scheduler, steps, model_output, x, kw, repeats, is_torch):
     """Best per-step time of ``scale_model_input`` + ``step`` over a full loop (stochastic schedulers get a
     seeded generator of their own kind)."""
@@ -60,8 +58,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
-    print(f"# {platform.processor() or platform.machine()}, numpy {np.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}")
+    print(
+        f"# {platform.processor() or platform.machine()}, numpy {np.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}"
+    )
     print(f"{'scheduler':<30} {'shape':<16} {'ours us/step':>13} {'diffusers us/step':>18} {'ratio':>7}")
     rows = []
     for name, cfg, kw in CASES:
@@ -77,11 +77,17 @@ def main() -> None:
             time_loop(ours, args.steps, eps, x, kw, 1, False)
             time_loop(theirs, args.steps, torch.from_numpy(eps), torch.from_numpy(x), kw, 1, True)
             t_ours = time_loop(ours, args.steps, eps, x, kw, args.repeats, False)
-            t_theirs = time_loop(theirs, args.steps, torch.from_numpy(eps), torch.from_numpy(x), kw,
-                                 args.repeats, True)
+            t_theirs = time_loop(theirs, args.steps, torch.from_numpy(eps), torch.from_numpy(x), kw, args.repeats, True)
             ratio = t_ours / t_theirs
-            rows.append({"scheduler": name, "shape": list(shape), "ours_us": t_ours * 1e6,
-                         "diffusers_us": t_theirs * 1e6, "ratio": ratio})
+            rows.append(
+                {
+                    "scheduler": name,
+                    "shape": list(shape),
+                    "ours_us": t_ours * 1e6,
+                    "diffusers_us": t_theirs * 1e6,
+                    "ratio": ratio,
+                }
+            )
             print(f"{name:<30} {str(shape):<16} {t_ours * 1e6:>13.1f} {t_theirs * 1e6:>18.1f} {ratio:>7.3f}")
     if args.json:
         with open(args.json, "w") as f:

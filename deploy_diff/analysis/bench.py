@@ -27,8 +27,8 @@ BASELINE_SCHEDULERS = ("ddim", "ddpm")  # the schedulers that have a diffusers p
 
 @dataclass
 class Timing:
-    seconds: float                                       # best wall time of one call
-    model_seconds: float = float("nan")                  # of which inside the runner
+    seconds: float  # best wall time of one call
+    model_seconds: float = float("nan")  # of which inside the runner
     runs: list[float] = field(default_factory=list)
 
     @property
@@ -118,8 +118,12 @@ def diffusers_baseline(bundle, scheduler: str, threads: int | None = None):
 
     def run(num_images: int, steps: int, seed: int = 0) -> np.ndarray:
         with torch.no_grad():
-            return pipe(batch_size=num_images, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                        output_type="np").images
+            return pipe(
+                batch_size=num_images,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            ).images
 
     return run
 
@@ -164,8 +168,13 @@ print(elapsed, peak_rss(), True)
 
 def _child(code: str, *args: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS + textwrap.dedent(code), *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS + textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start child failed: {proc.stderr.strip().splitlines()[-1:]}")
     seconds, rss, torch_loaded = proc.stdout.strip().splitlines()[-1].split()

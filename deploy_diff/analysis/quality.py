@@ -104,8 +104,13 @@ class DigitsQuality:
         requested classes of a conditional model."""
         x = _to_8x8(images)
         fd = frechet_distance(self.features(x), self.train_features)
-        out = {"fd": fd, "floor": self.floor, "ratio": fd / self.floor, "num_images": len(x),
-               "classifier_test_accuracy": self.test_accuracy}
+        out = {
+            "fd": fd,
+            "floor": self.floor,
+            "ratio": fd / self.floor,
+            "num_images": len(x),
+            "classifier_test_accuracy": self.test_accuracy,
+        }
         if labels is not None:
             pred = self.net(x).argmax(1).numpy()
             out["class_agreement"] = float((pred == np.asarray(labels)).mean())

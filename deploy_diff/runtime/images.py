@@ -56,7 +56,7 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1, sc
     for i in range(n):
         r, q = divmod(i, cols)
         y, x = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y:y + h, x:x + w] = images[i]
+        grid[y : y + h, x : x + w] = images[i]
     return grid
 
 

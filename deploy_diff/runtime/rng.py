@@ -100,15 +100,13 @@ class TorchGenerator:
             self._box_muller_16(data[:full].reshape(-1, 16), out[:full].reshape(-1, 16))
             if full != n:
                 # torch recomputes the last 16 positions from 16 fresh uniforms
-                self._box_muller_16(self._uniform_f32(16).reshape(1, 16), out[n - 16:].reshape(1, 16))
+                self._box_muller_16(self._uniform_f32(16).reshape(1, 16), out[n - 16 :].reshape(1, 16))
         else:
             out = np.array([self._small_normal() for _ in range(n)], dtype=np.float64).astype(np.float32)
         return out.reshape(shape).astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"TorchGenerator(seed={self._seed})"
-
-
 
 
 def _draw(generator, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -138,7 +136,8 @@ def randn_tensor(shape: Sequence[int], generator=None, dtype=np.float32) -> np.n
         if len(generator) == 1:
             return _draw(generator[0], shape, dtype)
         if len(generator) != shape[0]:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {shape[0]}; "
-                             "pass one generator per image")
+            raise ValueError(
+                f"got a list of {len(generator)} generators for a batch of {shape[0]}; pass one generator per image"
+            )
         return np.concatenate([_draw(g, (1,) + shape[1:], dtype) for g in generator], axis=0)
     return _draw(generator, shape, dtype)
