@@ -27,8 +27,8 @@ ASSERTIONS_BASELINE = 884  # counted by tools/count_assertions.py before the tes
 
 # `tests/runtime/test_pipeline.py::test_bad_call_arguments`, `...::TestX::test_y`, `...::test_z[param-id]`
 CITATION = re.compile(r"(tests/[\w./-]+?\.py)((?:::\w+)+)(?:\[[^\]`]*\])?")
-# [text](target) with a relative target; the anchor after # is not checked
-LINK = re.compile(r"\]\((?!https?://|mailto:|#)([^)\s#]+)(?:#[^)\s]*)?\)")
+# [text](target) or [text](target#anchor) or [text](#anchor), relative targets only
+LINK = re.compile(r"\]\((?!https?://|mailto:)([^)\s#]*)(?:#([^)\s]*))?\)")
 # built from pieces so that this file does not match the pattern it looks for
 EXTERNAL_REFERENCE = re.compile("DESIGN" + r"\.md|" + r"\.\." + "/shared")
 
@@ -89,14 +89,36 @@ def test_citation_check_can_fail():
     assert m is not None and (m.group(1), m.group(2)) == ("tests/runtime/test_pipeline.py", "::test_bad_call_arguments")
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(md: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", md.read_text(encoding="utf-8"), flags=re.S)  # no headings inside code blocks
+    return {_anchor(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
 def test_relative_links_in_the_docs_resolve():
     broken = []
     for doc in DOC_FILES:
         for m in LINK.finditer(doc.read_text(encoding="utf-8")):
-            target = (doc.parent / m.group(1)).resolve()
+            target_name, anchor = m.group(1), m.group(2)
+            target = (doc.parent / target_name).resolve() if target_name else doc
             if not target.exists():
-                broken.append(f"{doc.relative_to(ROOT)}: {m.group(1)}")
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+                broken.append(f"{doc.relative_to(ROOT)}: {target_name} does not exist")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{doc.relative_to(ROOT)}: {target_name}#{anchor} names no heading of {target.name}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_link_check_can_fail():
+    assert _anchor("Export: times and validation errors") == "export-times-and-validation-errors"
+    assert _anchor("torch-compatible noise") == "torch-compatible-noise"
+    assert "layout" in _anchors(ROOT / "docs" / "design.md")
+    m = LINK.search("see [the sweep](docs/benchmarks.md#schedulers-quality-against-steps).")
+    assert m is not None and m.groups() == ("docs/benchmarks.md", "schedulers-quality-against-steps")
+    assert LINK.search("[web](https://example.com/x.md)") is None
 
 
 def _tracked_files() -> list[Path]:
