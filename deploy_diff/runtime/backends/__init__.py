@@ -1,8 +1,13 @@
-"""Runner backends: one class each, all callable as ``runner(sample, timestep, class_labels) -> output``.
+"""Runner backends, all callable as ``runner(sample, timestep, class_labels=None) -> output`` (see :mod:`.base`).
 
-- ``onnxruntime.OnnxRuntimeRunner``: ONNX Runtime (CPU or CUDA).
-- ``tensorrt.TensorRTRunner``: a TensorRT engine (``tensorrt`` and ``cuda-python`` imported lazily).
+- ``base``: the runner protocol, the shared input check, batching, device strings, :class:`BackendUnavailableError`.
+- ``onnxruntime``: ``load_session`` and ``OnnxRuntimeRunner`` (CPU or CUDA).
+- ``tensorrt``: ``load_engine`` and ``TensorRTRunner`` (``tensorrt`` and ``cuda-python`` imported on load).
 
-Import the submodule you need; this package imports nothing itself, so neither onnxruntime nor TensorRT is
-loaded until used.
+Import the submodule you need: this package imports numpy only, so neither onnxruntime nor TensorRT is loaded
+until a runner is built. A new backend is one submodule: a loader function and a :class:`~.base.Runner` subclass.
 """
+
+from .base import BackendUnavailableError, check_inputs, parse_device, run_in_batches
+
+__all__ = ["BackendUnavailableError", "check_inputs", "parse_device", "run_in_batches"]

@@ -1,52 +1,211 @@
-"""ONNX Runtime backend: one runner over an ``InferenceSession``.
+"""The ONNX Runtime backend: :func:`load_session` builds an ``InferenceSession``, :class:`OnnxRuntimeRunner` runs it.
 
-``OnnxRuntimeRunner(graph)(sample float32[B,C,H,W], timestep float32[B], class_labels int64[B] | None)
--> float32[B,C_out,H,W]``, the runtime's runner interface. The runner owns batching: a batch larger than a
-static-batch graph is split into chunks, a smaller one padded (and the padding dropped from the output).
+The runner follows :mod:`.base` (call contract, input check, batching). CPU: ``session.run``, which is
+thread-safe, so one runner serves several threads at once. CUDA: IO binding into device-resident output buffers;
+with ``cuda_graph=True`` (static-batch graphs only) the first call captures a CUDA graph over fixed input/output
+buffers and later calls replay it. ONNX Runtime keeps captured graphs per thread, so capture and replays all run
+on one worker thread owned by the runner, which also queues calls from any number of threads.
 
-CPU: ``session.run`` (thread-safe: one runner serves several threads at once). CUDA: IO binding into
-device-resident output buffers; with ``cuda_graph=True`` (static-batch graphs only) the first call captures a
-CUDA graph over fixed input/output buffers and later calls replay it. ONNX Runtime keeps captured graphs per
-thread, so capture and replays all run on one worker thread owned by the runner: calls from any number of
-threads are queued there, one at a time.
+A CUDA session never falls back to the CPU silently: it is created with ``enable_fallback=0``, so an error of the
+CUDA provider (a CUDA graph it cannot capture, a missing library) is raised with its own message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["OnnxRuntimeRunner", "default_providers"]
+from .base import Runner, check_graph_inputs, import_backend_module, parse_device, run_in_batches
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-           "tensor(int32)": np.int32, "tensor(double)": np.float64}
+__all__ = ["OnnxRuntimeRunner", "default_providers", "load_session", "preload_cuda_libraries"]
+
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+}
+_LEVELS = {
+    "all": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "basic": "ORT_ENABLE_BASIC",
+    "disabled": "ORT_DISABLE_ALL",
+}
+# the order in which nvidia wheels' library folders are preloaded: dependencies first
+_NVIDIA_ORDER = ("cuda_runtime", "cuda_nvrtc", "nvjitlink", "cublas", "curand", "cufft", "cudnn")
+_preloaded: set[str] = set()
 
 
 def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ImportError("the ONNX Runtime backend needs onnxruntime: pip install 'deploy-diff[cpu]' "
-                          "(or '[gpu]' for onnxruntime-gpu)") from None
-    return onnxruntime
+    return import_backend_module(
+        "onnxruntime",
+        "the ONNX Runtime backend needs onnxruntime: pip install 'deploy-diff[cpu]' (or '[gpu]' for onnxruntime-gpu)",
+    )
 
 
-def default_providers(device: str, device_id: int = 0) -> list:
-    """Execution providers for ``device`` ("cpu" or "cuda[:N]")."""
-    if device == "cpu":
+def default_providers(device: str, device_id: int | None = None) -> list:
+    """Execution providers for ``device`` ("cpu", "cuda" or "cuda:N"); ``device_id`` overrides N."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
         return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        return [("CUDAExecutionProvider", {"device_id": str(device_id)}), "CPUExecutionProvider"]
-    raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'); got {device!r}")
+    return [
+        ("CUDAExecutionProvider", {"device_id": str(index if device_id is None else int(device_id))}),
+        "CPUExecutionProvider",
+    ]
 
 
-class OnnxRuntimeRunner:
-    """A runner over one ONNX graph (see the module docstring).
+def _foreign_nvidia_lib_dirs(ort: Any) -> list[Path]:
+    """``nvidia/*/lib`` folders of CUDA wheels installed outside onnxruntime's own site-packages (for example with
+    ``pip install --target DIR``), dependencies first. ``onnxruntime.preload_dlls()`` searches only its own."""
+    try:
+        import nvidia  # the namespace package of NVIDIA's CUDA wheels
+    except ImportError:
+        return []
+    own = Path(ort.__file__).resolve().parent.parent
+    dirs = [
+        lib
+        for root in getattr(nvidia, "__path__", [])
+        if Path(root).resolve().parent != own
+        for lib in sorted(Path(root).glob("*/lib"))
+        if lib.is_dir()
+    ]
+    rank = {name: i for i, name in enumerate(_NVIDIA_ORDER)}
+    return sorted(dirs, key=lambda d: rank.get(d.parent.name, len(rank)))
+
+
+def preload_cuda_libraries(directories: Sequence[str | os.PathLike] | None = None) -> str:
+    """Load CUDA / cuDNN libraries for onnxruntime-gpu from ``directories`` (default: the ``nvidia/*/lib`` folders
+    of CUDA wheels installed outside onnxruntime's site-packages); return what ``preload_dlls`` printed.
+
+    ``onnxruntime.preload_dlls(directory=...)`` loads the libraries found directly in ``directory``; it is called
+    once per folder, before the first CUDA session. A folder already loaded is skipped. Without ``preload_dlls``
+    (onnxruntime < 1.21) or without such folders, nothing is done.
+    """
+    ort = _import_ort()
+    if not hasattr(ort, "preload_dlls"):
+        return ""
+    dirs = [Path(d) for d in directories] if directories is not None else _foreign_nvidia_lib_dirs(ort)
+    printed = io.StringIO()
+    for d in dirs:
+        if str(d) in _preloaded:
+            continue
+        if not d.is_dir():
+            raise FileNotFoundError(f"no CUDA library folder at {d}")
+        with contextlib.redirect_stdout(printed):  # it prints each library it could not load
+            ort.preload_dlls(directory=str(d))
+        _preloaded.add(str(d))
+    return printed.getvalue().strip()
+
+
+def _cuda_options(providers: list, cuda_graph: bool) -> tuple[list, int | None]:
+    """Providers with ``enable_cuda_graph`` added to the CUDA provider's options; the CUDA device id (None
+    without the CUDA provider)."""
+    out, device_id = [], None
+    for p in providers:
+        name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+        if name == "CUDAExecutionProvider":
+            if cuda_graph:
+                opts["enable_cuda_graph"] = "1"
+            device_id = int(opts.get("device_id", 0))
+            p = (name, opts)
+        out.append(p)
+    return out, device_id
+
+
+def load_session(
+    graph: str | os.PathLike,
+    device: str = "cpu",
+    providers: Sequence[Any] | None = None,
+    num_threads: int | None = None,
+    cuda_graph: bool = False,
+    graph_optimization_level: str = "all",
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` over ``graph``, with the arguments :class:`OnnxRuntimeRunner` takes.
+
+    Raises ``ValueError`` for bad arguments or a graph ONNX Runtime cannot load, ``RuntimeError`` when a
+    requested provider is missing or does not start, :class:`~.base.BackendUnavailableError` without onnxruntime.
+    """
+    ort = _import_ort()
+    path = Path(graph)
+    if providers is None:
+        providers = default_providers(device)
+    else:
+        parse_device(device)
+    providers, _ = _cuda_options(list(providers), cuda_graph)
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    on_cuda = bool(names) and names[0] == "CUDAExecutionProvider"
+    if cuda_graph and not on_cuda:
+        raise ValueError("cuda_graph=True needs the CUDA execution provider (device='cuda')")
+    if num_threads is not None and (
+        isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1
+    ):
+        raise ValueError(f"num_threads must be a positive integer or None; got {num_threads!r}")
+    if graph_optimization_level not in _LEVELS:
+        raise ValueError(f"graph_optimization_level must be one of {sorted(_LEVELS)}; got {graph_optimization_level!r}")
+    preloaded = preload_cuda_libraries() if on_cuda else ""
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    if missing:
+        hint = (
+            " (install onnxruntime-gpu: pip install 'deploy-diff[gpu]')" if "CUDAExecutionProvider" in missing else ""
+        )
+        raise RuntimeError(f"ONNX Runtime provider(s) {missing} are not available{hint}; available: {available}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[graph_optimization_level])
+    opts.log_severity_level = 3
+    if num_threads is not None:
+        opts.intra_op_num_threads = int(num_threads)
+        opts.inter_op_num_threads = 1
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX graph at {path}")
+    try:  # enable_fallback=0: the Python wrapper would otherwise retry on the CPU after any CUDA provider error
+        session = ort.InferenceSession(str(path), opts, providers=providers, enable_fallback=0)
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidProtobuf, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if on_cuda and cuda_graph and "cuda graph" in str(e).lower():
+            raise ValueError(
+                f"ONNX Runtime cannot capture a CUDA graph of {path}: {first} (a CUDA graph needs every "
+                "node on the CUDA provider: export with a static batch)"
+            ) from None
+        if on_cuda and "cuda" in str(e).lower():
+            raise RuntimeError(
+                f"ONNX Runtime could not start the CUDA provider for {path}: {first}"
+                + (f"; loading CUDA libraries printed: {preloaded}" if preloaded else "")
+            ) from None
+        raise ValueError(
+            f"ONNX Runtime cannot load {path} (truncated, not an ONNX graph, or made for a newer "
+            f"ONNX Runtime?): {first}"
+        ) from None
+    active = session.get_providers()
+    if on_cuda and (not active or active[0] != "CUDAExecutionProvider"):
+        raise RuntimeError(
+            f"ONNX Runtime could not start the CUDA provider (the session runs on {active}); check "
+            "the CUDA/cuDNN libraries onnxruntime-gpu needs (preload_cuda_libraries(directories) "
+            "loads them from a folder)"
+        )
+    return session
+
+
+@dataclass
+class _CudaGraphBuffers:
+    """The fixed device buffers a captured CUDA graph reads and writes, and the binding that names them."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    output: Any
+
+
+class OnnxRuntimeRunner(Runner):
+    """A runner over one ONNX graph (see the module docstring and :mod:`.base`).
 
     Args:
         graph: path of the ``.onnx`` file (external data beside it is found automatically).
@@ -58,168 +217,103 @@ class OnnxRuntimeRunner:
             ``"basic"`` or ``"disabled"``.
     """
 
-    def __init__(self, graph: str | os.PathLike, device: str = "cpu", providers: Sequence[Any] | None = None,
-                 num_threads: int | None = None, cuda_graph: bool = False, graph_optimization_level: str = "all"):
-        ort = _import_ort()
+    def __init__(
+        self,
+        graph: str | os.PathLike,
+        device: str = "cpu",
+        providers: Sequence[Any] | None = None,
+        num_threads: int | None = None,
+        cuda_graph: bool = False,
+        graph_optimization_level: str = "all",
+    ):
         self.path = Path(graph)
-        device = str(device)
-        device_id = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
-        providers = default_providers(device, device_id) if providers is None else list(providers)
-        for i, p in enumerate(providers):  # cuda_graph and the device id live in the CUDA provider's options
-            name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
-            if name == "CUDAExecutionProvider":
-                if cuda_graph:
-                    opts["enable_cuda_graph"] = "1"
-                device_id = int(opts.get("device_id", device_id))
-                providers[i] = (name, opts)
-        names = [p if isinstance(p, str) else p[0] for p in providers]
-        available = ort.get_available_providers()
-        missing = [n for n in names if n not in available]
-        if missing:
-            hint = " (install onnxruntime-gpu: pip install 'deploy-diff[gpu]')" if "CUDAExecutionProvider" in missing \
-                else ""
-            raise RuntimeError(f"ONNX Runtime provider(s) {missing} are not available{hint}; available: {available}")
-        self.on_cuda = names[0] == "CUDAExecutionProvider"
-        self.device_id = device_id
-        if cuda_graph and not self.on_cuda:
-            raise ValueError("cuda_graph=True needs the CUDA execution provider (device='cuda')")
-        if num_threads is not None and (isinstance(num_threads, bool) or int(num_threads) < 1):
-            raise ValueError(f"num_threads must be a positive integer or None; got {num_threads!r}")
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        if graph_optimization_level not in levels:
-            raise ValueError(f"graph_optimization_level must be one of {sorted(levels)}")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[graph_optimization_level]
-        opts.log_severity_level = 3
-        if num_threads is not None:
-            opts.intra_op_num_threads = int(num_threads)
-            opts.inter_op_num_threads = 1
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no ONNX graph at {self.path}")
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers))
-        except Exception as e:  # onnxruntime raises its own types (Fail, InvalidProtobuf, ...) for bad graphs
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"ONNX Runtime cannot load {self.path} (truncated, not an ONNX graph, or made for "
-                             f"a newer ONNX Runtime?): {first}") from None
-        active = self.session.get_providers()
-        if self.on_cuda and (not active or active[0] != "CUDAExecutionProvider"):
-            raise RuntimeError(f"ONNX Runtime could not start the CUDA provider (the session fell back to {active}); "
-                               "check the CUDA/cuDNN libraries onnxruntime-gpu needs (onnxruntime.preload_dlls() "
-                               "can load those of an installed torch)")
-        self.input_names = tuple(i.name for i in self.session.get_inputs())
-        self._in_types = {i.name: _DTYPES.get(i.type) for i in self.session.get_inputs()}
-        self._in_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        if providers is None:
+            providers = default_providers(device)
+        self.session = load_session(
+            graph,
+            device=device,
+            providers=providers,
+            num_threads=num_threads,
+            cuda_graph=cuda_graph,
+            graph_optimization_level=graph_optimization_level,
+        )
+        _, device_id = _cuda_options(list(providers), False)
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.device_id = device_id or 0
+        inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        check_graph_inputs(self.input_names, self.path.name)
+        self._dtypes = {i.name: _DTYPES.get(i.type) for i in inputs}
+        shapes = {i.name: list(i.shape) for i in inputs}
+        self.sample_shape = tuple(d if isinstance(d, int) else None for d in shapes["sample"][1:])
+        batch = shapes["sample"][0]
+        self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
+        if cuda_graph and self.static_batch is None:
+            raise ValueError(
+                "cuda_graph=True needs a static-batch bundle (export_bundle(..., static_batch=B)): a "
+                "dynamic batch puts shape computations on the CPU, which blocks capture"
+            )
         out = self.session.get_outputs()[0]
         self.output_name = out.name
         self._out_shape = list(out.shape)
-        if "sample" not in self.input_names or "timestep" not in self.input_names:
-            raise ValueError(f"{self.path.name} has inputs {list(self.input_names)}; a UNet graph needs `sample` and "
-                             "`timestep` (and `class_labels` when class-conditional)")
-        batch = self._in_shapes["sample"][0]
-        self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
-        if cuda_graph and self.static_batch is None:
-            raise ValueError("cuda_graph=True needs a static-batch bundle (export with --static-batch B): a dynamic "
-                             "batch puts shape computations on the CPU, which blocks capture")
+        self._out_dtype = _DTYPES.get(out.type, np.float32)
         self.cuda_graph = cuda_graph
-        self.conditional = "class_labels" in self.input_names
-        self._bound: dict[str, Any] | None = None  # fixed device buffers of the CUDA graph
-        # ONNX Runtime keeps a captured CUDA graph per thread: capture and every replay run on one worker thread,
-        # which also serialises the calls that share the fixed buffers
-        self._graph_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-cuda-graph") \
-            if cuda_graph else None
+        self._graph_buffers: _CudaGraphBuffers | None = None
+        # capture and every replay on one worker thread (ONNX Runtime keeps captured graphs per thread); it also
+        # serialises the calls that share the fixed buffers
+        self._graph_thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort-cuda-graph") if cuda_graph else None
+        )
 
     @classmethod
     def from_bundle(cls, bundle, precision: str = "fp32", **kwargs) -> OnnxRuntimeRunner:
+        """The runner over ``bundle``'s graph of ``precision`` ("fp32" or "fp16")."""
         return cls(bundle.graph_path(precision), **kwargs)
 
-    @property
-    def sample_shape(self) -> tuple:
-        """(C, H, W) the graph takes (entries are None where the graph leaves them symbolic)."""
-        return tuple(d if isinstance(d, int) else None for d in self._in_shapes["sample"][1:])
-
-    # -- input checks ---------------------------------------------------------------------------------------
-    def _prepare(self, sample: Any, timestep: Any, class_labels: Any) -> dict[str, np.ndarray]:
-        sample = np.asarray(sample)
-        if sample.ndim != 4:
-            raise ValueError(f"sample must be a [B, C, H, W] array; got shape {sample.shape}")
-        expected = self.sample_shape
-        if any(e is not None and e != s for e, s in zip(expected, sample.shape[1:])):
-            raise ValueError(f"sample has shape {sample.shape}; this model takes [B, {', '.join(map(str, expected))}]")
-        if sample.dtype.kind != "f":
-            raise ValueError(f"sample must be a float array; got dtype {sample.dtype}")
-        b = sample.shape[0]
-        timestep = np.asarray(timestep)
-        if timestep.ndim == 0:
-            timestep = np.full((b,), timestep)
-        if timestep.shape != (b,):
-            raise ValueError(f"timestep must have shape [{b}] (one per image) or be a scalar; got {timestep.shape}")
-        if timestep.dtype.kind not in "fiu":
-            raise ValueError(f"timestep must be numeric; got dtype {timestep.dtype}")
-        feeds = {"sample": np.ascontiguousarray(sample, dtype=self._in_types["sample"] or np.float32),
-                 "timestep": np.ascontiguousarray(timestep, dtype=self._in_types["timestep"] or np.float32)}
-        if self.conditional:
-            if class_labels is None:
-                raise ValueError("this model is class-conditional: pass class_labels int64[B]")
-            labels = np.asarray(class_labels)
-            if labels.shape != (b,) or labels.dtype.kind not in "iu":
-                raise ValueError(f"class_labels must be an integer array of shape [{b}]; got {labels.dtype} "
-                                 f"{labels.shape}")
-            feeds["class_labels"] = np.ascontiguousarray(labels, dtype=self._in_types["class_labels"] or np.int64)
-        elif class_labels is not None:
-            raise ValueError("this model is unconditional: class_labels must be None")
-        return feeds
-
-    # -- execution ------------------------------------------------------------------------------------------
     def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
-        feeds = self._prepare(sample, timestep, class_labels)
-        b = feeds["sample"].shape[0]
+        feeds = self._check(sample, timestep, class_labels)
         sb = self.static_batch
-        if sb is None or b == sb:
-            return self._run(feeds)
-        outs = []
-        for start in range(0, b, sb):
-            chunk = {k: v[start:start + sb] for k, v in feeds.items()}
-            n = chunk["sample"].shape[0]
-            if n < sb:  # pad by repeating the last row; the padding's outputs are dropped
-                chunk = {k: np.concatenate([v, np.repeat(v[-1:], sb - n, axis=0)]) for k, v in chunk.items()}
-            outs.append(self._run(chunk)[:n])
-        return np.concatenate(outs)
+        return run_in_batches(self._run, feeds, min_batch=sb or 1, max_batch=sb)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        session = self.session
+        if session is None:
+            raise RuntimeError("this OnnxRuntimeRunner was closed")
         if not self.on_cuda:
-            out = self.session.run([self.output_name], feeds)[0]
-        elif self._graph_thread is not None:
-            out = self._graph_thread.submit(self._run_cuda_graph, feeds).result()
-        else:
-            binding = self.session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, value)
-            binding.bind_output(self.output_name, "cuda", self.device_id)
-            self.session.run_with_iobinding(binding)
-            out = binding.copy_outputs_to_cpu()[0]
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+            return session.run([self.output_name], feeds)[0]
+        if self._graph_thread is not None:
+            return self._graph_thread.submit(self._run_cuda_graph, feeds).result()
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(self.output_name, "cuda", self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def _run_cuda_graph(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One replay (the first call captures) over fixed device buffers; runs on the runner's worker thread."""
         ort = _import_ort()
-        if self._bound is None:
-            bound: dict[str, Any] = {}
+        bufs = self._graph_buffers
+        if bufs is None:
             binding = self.session.io_binding()
-            for name, value in feeds.items():
-                bound[name] = ort.OrtValue.ortvalue_from_numpy(value, "cuda", self.device_id)
-                binding.bind_ortvalue_input(name, bound[name])
+            inputs = {
+                name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", self.device_id) for name, value in feeds.items()
+            }
+            for name, value in inputs.items():
+                binding.bind_ortvalue_input(name, value)
             shape = [self.static_batch] + [int(d) for d in self._out_shape[1:]]
-            bound[self.output_name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, np.float32 if self.session.get_outputs()[0].type == "tensor(float)" else np.float16,
-                "cuda", self.device_id)
-            binding.bind_ortvalue_output(self.output_name, bound[self.output_name])
-            bound["_binding"] = binding
-            self._bound = bound
+            output = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._out_dtype, "cuda", self.device_id)
+            binding.bind_ortvalue_output(self.output_name, output)
+            bufs = self._graph_buffers = _CudaGraphBuffers(binding, inputs, output)
         else:
             for name, value in feeds.items():
-                self._bound[name].update_inplace(value)
-        self.session.run_with_iobinding(self._bound["_binding"])
-        return self._bound[self.output_name].numpy()
+                bufs.inputs[name].update_inplace(value)
+        self.session.run_with_iobinding(bufs.binding)
+        return bufs.output.numpy()
+
+    def _release(self) -> None:
+        if self._graph_thread is not None:
+            self._graph_thread.shutdown(wait=True)  # lets a queued call finish before the buffers go
+            self._graph_thread = None
+        self._graph_buffers = None
+        self.session = None

@@ -2,13 +2,13 @@
 (pure), and a real build-and-run where TensorRT and a GPU exist (``gpu`` marker)."""
 
 import ast
-import ctypes
 import subprocess
 import sys
 import types
 
 import numpy as np
 import pytest
+from _trt_fakes import fake_backend, fake_builder, install_fake_cuda, tiny_onnx
 
 from deploy_diff.export.tensorrt import TensorRTUnavailableError, build_engine, engine_filename, require_tensorrt
 from deploy_diff.runtime.backends.tensorrt import BackendUnavailableError, TensorRTRunner
@@ -21,20 +21,26 @@ def no_tensorrt(monkeypatch):
 
 # ---- engine names ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("gpu, want", [
-    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
-    ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090"),
-    ("  Tesla T4 (PCIe) ", "tesla-t4-pcie"),
-    ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb"),
-    ("", "gpu"),
-])
+
+@pytest.mark.parametrize(
+    "gpu, want",
+    [
+        ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+        ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090"),
+        ("  Tesla T4 (PCIe) ", "tesla-t4-pcie"),
+        ("NVIDIA A100-SXM4-40GB", "nvidia-a100-sxm4-40gb"),
+        ("", "gpu"),
+    ],
+)
 def test_engine_filename_slugs_the_gpu(gpu, want):
     assert engine_filename(gpu, "10.3.0", "fp16", 1, 8, 64) == f"{want}_trt10.3.0_fp16_b1-8-64.plan"
 
 
 def test_engine_filename_example_and_static_batch():
-    assert engine_filename("NVIDIA H100 80GB HBM3", "10.3.0", "fp16", 1, 8, 64) == \
-        "nvidia-h100-80gb-hbm3_trt10.3.0_fp16_b1-8-64.plan"
+    assert (
+        engine_filename("NVIDIA H100 80GB HBM3", "10.3.0", "fp16", 1, 8, 64)
+        == "nvidia-h100-80gb-hbm3_trt10.3.0_fp16_b1-8-64.plan"
+    )
     assert engine_filename("NVIDIA L4", "10.0.1.6", "FP32", 4, 4, 4) == "nvidia-l4_trt10.0.1.6_fp32_b4-4-4.plan"
 
 
@@ -46,15 +52,19 @@ def test_engine_filename_rejects_bad_batches(batches):
 
 # ---- build_engine: argument checks come before TensorRT is needed ------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"min_batch": 0}, "min_batch"),
-    ({"min_batch": 4, "opt_batch": 2}, "min_batch"),
-    ({"opt_batch": 32, "max_batch": 16}, "opt_batch"),
-    ({"static_batch": 0}, "min_batch"),
-    ({"static_batch": 4, "max_batch": 8}, "static_batch"),
-    ({"fp16": True, "bf16": True}, "fp16"),
-    ({"workspace_gib": 0}, "workspace"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"min_batch": 0}, "min_batch"),
+        ({"min_batch": 4, "opt_batch": 2}, "min_batch"),
+        ({"opt_batch": 32, "max_batch": 16}, "opt_batch"),
+        ({"static_batch": 0}, "min_batch"),
+        ({"static_batch": 4, "max_batch": 8}, "static_batch"),
+        ({"fp16": True, "bf16": True}, "fp16"),
+        ({"workspace_gib": 0}, "workspace"),
+    ],
+)
 def test_build_engine_validates_arguments_first(no_tensorrt, tmp_path, kwargs, match):
     onnx_path = tmp_path / "unet.onnx"
     onnx_path.write_bytes(b"not parsed before the checks")
@@ -91,15 +101,20 @@ def test_runner_without_cuda_python(monkeypatch, tmp_path):
         TensorRTRunner(tmp_path / "x.plan")
 
 
-@pytest.mark.parametrize("module, absent", [
-    ("deploy_diff.runtime.backends.tensorrt", ["tensorrt", "torch"]),  # the runtime never needs torch
-    ("deploy_diff.export.tensorrt", ["tensorrt"]),  # the export room is torch's, but TensorRT stays optional
-])
+@pytest.mark.parametrize(
+    "module, absent",
+    [
+        ("deploy_diff.runtime.backends.tensorrt", ["tensorrt", "torch"]),  # the runtime never needs torch
+        ("deploy_diff.export.tensorrt", ["tensorrt"]),  # the export room is torch's, but TensorRT stays optional
+    ],
+)
 def test_modules_import_without_tensorrt(module, absent):
-    code = (f"import sys\nfor m in {absent!r}: sys.modules[m] = None\n"
-            f"import {module}\n"
-            "loaded = {k for k, v in sys.modules.items() if v is not None}\n"
-            "print(sorted({'tensorrt', 'torch', 'cuda', 'onnxruntime'} & loaded))")
+    code = (
+        f"import sys\nfor m in {absent!r}: sys.modules[m] = None\n"
+        f"import {module}\n"
+        "loaded = {k for k, v in sys.modules.items() if v is not None}\n"
+        "print(sorted({'tensorrt', 'torch', 'cuda', 'onnxruntime'} & loaded))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert not {"tensorrt", "cuda"} & set(ast.literal_eval(out.stdout.strip())), out.stdout
@@ -108,51 +123,6 @@ def test_modules_import_without_tensorrt(module, absent):
 
 
 # ---- build_engine's TensorRT calls, against a fake TensorRT -------------------------------------------------------
-
-def _fake_builder(inputs, parse_ok=True, build_ok=True):
-    """A fake ``tensorrt`` recording what build_engine asks of the builder. ``inputs``: {name: shape}."""
-    seen = {"flags": [], "profiles": [], "cache_in": None}
-    trt = types.SimpleNamespace(__version__="10.3.0", Logger=lambda level: None)
-    trt.Logger.WARNING = 2
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", BF16="bf16")
-    network = types.SimpleNamespace(num_inputs=len(inputs), get_input=lambda i: types.SimpleNamespace(
-        name=list(inputs)[i], shape=list(inputs.values())[i]))
-
-    class Parser:
-        num_errors = 0 if parse_ok else 2
-
-        def __init__(self, net, logger):
-            assert net is network
-
-        def parse_from_file(self, path):
-            seen["parsed"] = path
-            return parse_ok
-
-        get_error = staticmethod(lambda i: f"node {i}: unsupported op")
-
-    class Profile(dict):
-        def set_shape(self, name, lo, opt, hi):
-            self[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Config:
-        set_memory_pool_limit = staticmethod(lambda pool, size: seen.update(workspace=(pool, size)))
-        set_flag = staticmethod(lambda flag: seen["flags"].append(flag))
-        add_optimization_profile = staticmethod(lambda profile: seen["profiles"].append(dict(profile)))
-        set_timing_cache = staticmethod(lambda cache, ignore_mismatch: None)
-
-        @staticmethod
-        def create_timing_cache(data):
-            seen["cache_in"] = bytes(data)
-            return types.SimpleNamespace(serialize=lambda: b"cache:" + bytes(data))
-
-    trt.OnnxParser = Parser
-    trt.Builder = lambda logger: types.SimpleNamespace(
-        create_network=lambda flags: network, create_builder_config=Config,
-        create_optimization_profile=Profile,
-        build_serialized_network=lambda net, config: b"engine" if build_ok else None)
-    return trt, seen
 
 
 @pytest.fixture
@@ -164,142 +134,93 @@ def fake_build(monkeypatch, tmp_path):
     onnx_path.write_bytes(b"onnx")
 
     def make(inputs, parse_ok=True, build_ok=True):
-        trt, seen = _fake_builder(inputs, parse_ok, build_ok)
+        trt, seen = fake_builder(inputs, parse_ok, build_ok)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return onnx_path, seen
+
     return make
 
 
 def test_build_engine_profile_flags_and_cache(fake_build, tmp_path):
     onnx_path, seen = fake_build({"sample": (-1, 3, 8, 8), "timestep": (-1,)})
     cache = tmp_path / "caches" / "t.cache"
-    plan = build_engine(onnx_path, tmp_path / "engines", min_batch=1, opt_batch=4, max_batch=8, fp16=True,
-                        timing_cache=cache, workspace_gib=0.5, log=lambda m: None)
+    plan = build_engine(
+        onnx_path,
+        tmp_path / "engines",
+        min_batch=1,
+        opt_batch=4,
+        max_batch=8,
+        fp16=True,
+        timing_cache=cache,
+        workspace_gib=0.5,
+        validate=False,
+        log=lambda m: None,
+    )
     assert plan == tmp_path / "engines" / "nvidia-fake-gpu-80gb_trt10.3.0_fp16_b1-4-8.plan"
     assert plan.read_bytes() == b"engine" and cache.read_bytes() == b"cache:" and seen["cache_in"] == b""
     assert seen["parsed"] == str(onnx_path) and seen["flags"] == ["fp16"]
     assert seen["workspace"] == ("workspace", 1 << 29)
-    assert seen["profiles"] == [{"sample": ((1, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)),
-                                 "timestep": ((1,), (4,), (8,))}]
+    assert seen["profiles"] == [{"sample": ((1, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8)), "timestep": ((1,), (4,), (8,))}]
     onnx_path, seen = fake_build({"sample": (-1, 3, 8, 8), "timestep": (-1,)})  # the cache is read back
-    plan = build_engine(onnx_path, tmp_path / "engines", static_batch=2, bf16=True, timing_cache=cache,
-                        log=lambda m: None)
+    plan = build_engine(
+        onnx_path,
+        tmp_path / "engines",
+        static_batch=2,
+        bf16=True,
+        timing_cache=cache,
+        validate=False,
+        log=lambda m: None,
+    )
     assert plan.name == "nvidia-fake-gpu-80gb_trt10.3.0_bf16_b2-2-2.plan"
     assert seen["cache_in"] == b"cache:" and seen["flags"] == ["bf16"]
     assert seen["profiles"] == [{"sample": ((2, 3, 8, 8),) * 3, "timestep": ((2,),) * 3}]
-    build_engine(onnx_path, tmp_path / "default", log=lambda m: None)
+    build_engine(onnx_path, tmp_path / "default", validate=False, log=lambda m: None)
     assert (tmp_path / "default" / "timing.cache").is_file()
 
 
 def test_build_engine_errors(fake_build, tmp_path):
     onnx_path, _ = fake_build({"sample": (-1, 3, 8, 8)}, parse_ok=False)
     with pytest.raises(ValueError, match="could not parse(.|\n)*node 1: unsupported op"):
-        build_engine(onnx_path, tmp_path, log=lambda m: None)
+        build_engine(onnx_path, tmp_path, validate=False, log=lambda m: None)
     onnx_path, _ = fake_build({"sample": (-1, 3, -1, -1)})
     with pytest.raises(ValueError, match="only the batch dimension may be dynamic"):
-        build_engine(onnx_path, tmp_path, log=lambda m: None)
+        build_engine(onnx_path, tmp_path, validate=False, log=lambda m: None)
     onnx_path, _ = fake_build({"sample": (4, 3, 8, 8)})
     with pytest.raises(ValueError, match="static_batch=4"):
-        build_engine(onnx_path, tmp_path, log=lambda m: None)
+        build_engine(onnx_path, tmp_path, validate=False, log=lambda m: None)
     onnx_path, seen = fake_build({"sample": (4, 3, 8, 8)})
-    assert build_engine(onnx_path, tmp_path, static_batch=4, log=lambda m: None).name.endswith("_fp32_b4-4-4.plan")
+    plan = build_engine(onnx_path, tmp_path, static_batch=4, validate=False, log=lambda m: None)
+    assert plan.name.endswith("_fp32_b4-4-4.plan")
     assert seen["profiles"] == []  # nothing dynamic, no profile
     onnx_path, _ = fake_build({"sample": (-1, 3, 8, 8)}, build_ok=False)
     with pytest.raises(RuntimeError, match="failed to build"):
-        build_engine(onnx_path, tmp_path / "none", log=lambda m: None)
+        build_engine(onnx_path, tmp_path / "none", validate=False, log=lambda m: None)
     assert not list((tmp_path / "none").glob("*.plan"))
 
 
 # ---- the runner's batching, against a fake TensorRT and cuda-python ----------------------------------------------
 
-def _fake_backend(lo, hi, out_dtype=np.float32):
-    """Fake ``tensorrt`` and ``cuda.cudart`` modules: an engine computing out = 2 * sample + timestep."""
-    trt = types.SimpleNamespace(__version__="10.0.0-fake", Logger=lambda level: None)
-    trt.Logger.WARNING = 2
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    trt.DataType = types.SimpleNamespace(FLOAT="f32", HALF="f16", INT32="i32", INT64="i64", BOOL="b")
-    np_types = {"f32": np.float32, "f16": np.float16, "i64": np.int64}
-    tensors = {"sample": ("in", "f32", (-1, 1, 4, 4)), "timestep": ("in", "f32", (-1,)),
-               "out": ("out", {np.float32: "f32", np.float16: "f16"}[out_dtype], (-1, 1, 4, 4))}
-    memory, calls = {}, []
 
-    def view(ptr, name, shape):
-        dtype = np.dtype(np_types[tensors[name][1]])
-        n = int(np.prod(shape)) * dtype.itemsize
-        return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addr = {}, {}
-
-        def set_input_shape(self, name, shape):
-            ok = lo <= shape[0] <= hi
-            self.shapes[name] = tuple(shape) if ok else self.shapes.get(name)
-            return ok
-
-        def get_tensor_shape(self, name):
-            return self.shapes["sample"] if name == "out" else self.shapes[name]
-
-        def set_tensor_address(self, name, ptr):
-            self.addr[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream):
-            b = self.shapes["sample"][0]
-            assert self.shapes["timestep"] == (b,)
-            calls.append(b)
-            x, t = view(self.addr["sample"], "sample", (b, 1, 4, 4)), view(self.addr["timestep"], "timestep", (b,))
-            view(self.addr["out"], "out", (b, 1, 4, 4))[...] = 2 * x + t[:, None, None, None]
-            return True
-
-    class Engine:
-        num_io_tensors = 3
-        get_tensor_name = staticmethod(lambda i: list(tensors)[i])
-        get_tensor_mode = staticmethod(lambda n: tensors[n][0])
-        get_tensor_dtype = staticmethod(lambda n: tensors[n][1])
-        get_tensor_shape = staticmethod(lambda n: tensors[n][2])
-        get_tensor_profile_shape = staticmethod(lambda n, p: [(b, *tensors[n][2][1:]) for b in (lo, lo, hi)])
-        create_execution_context = staticmethod(Context)
-
-    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: Engine())
-
-    def malloc(n):
-        buf = ctypes.create_string_buffer(n)
-        memory[ctypes.addressof(buf)] = buf
-        return 0, ctypes.addressof(buf)
-
-    ok = 0
-    cudart = types.SimpleNamespace(
-        cudaError_t=types.SimpleNamespace(cudaSuccess=ok), cudaGetErrorString=lambda e: (ok, b"fake error"),
-        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2),
-        cudaSetDevice=lambda d: (ok,), cudaStreamCreate=lambda: (ok, 7), cudaStreamDestroy=lambda s: (ok,),
-        cudaStreamSynchronize=lambda s: (ok,), cudaMalloc=malloc, cudaFree=lambda p: (memory.pop(p) and ok,),
-        cudaMemcpyAsync=lambda dst, src, n, kind, s: (ctypes.memmove(dst, src, n) and ok,))
-    return trt, types.SimpleNamespace(cudart=cudart), memory, calls
-
-
-@pytest.fixture(params=["cuda.bindings.runtime", "cuda.cudart"])
+@pytest.fixture(params=["cuda.bindings.runtime", "cuda.cudart", "cuda-python 13"])
 def fake_runner(monkeypatch, tmp_path, request):
     def make(lo, hi, out_dtype=np.float32):
-        trt, cuda, memory, calls = _fake_backend(lo, hi, out_dtype)
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setitem(sys.modules, "cuda", cuda)
-        if request.param == "cuda.cudart":  # older cuda-python: `from cuda import cudart`
-            monkeypatch.setitem(sys.modules, "cuda.bindings", None)
-        else:  # cuda-python >= 12.6: `from cuda.bindings import runtime`
-            monkeypatch.setitem(sys.modules, "cuda.bindings", types.SimpleNamespace(runtime=cuda.cudart))
-            cuda.cudart = None
+        trt, cuda, memory, calls = fake_backend(lo, hi, out_dtype, native_handles=request.param == "cuda-python 13")
+        install_fake_cuda(monkeypatch, trt, cuda, request.param)
         path = tmp_path / "fake.plan"
         path.write_bytes(b"plan")
         return TensorRTRunner(path), memory, calls
+
     return make
 
 
-@pytest.mark.parametrize("lo, hi, batches, want_calls", [
-    (1, 4, [1, 3, 4, 5, 9], [1, 3, 4, 4, 1, 4, 4, 1]),
-    (2, 2, [1, 2, 3], [2, 2, 2, 2]),  # static batch: pad 1 -> 2, split 3 -> 2 + (1 -> 2)
-    (3, 8, [1, 10], [3, 8, 3]),
-])
+@pytest.mark.parametrize(
+    "lo, hi, batches, want_calls",
+    [
+        (1, 4, [1, 3, 4, 5, 9], [1, 3, 4, 4, 1, 4, 4, 1]),
+        (2, 2, [1, 2, 3], [2, 2, 2, 2]),  # static batch: pad 1 -> 2, split 3 -> 2 + (1 -> 2)
+        (3, 8, [1, 10], [3, 8, 3]),
+    ],
+)
 def test_runner_splits_pads_and_crops(fake_runner, lo, hi, batches, want_calls):
     runner, memory, calls = fake_runner(lo, hi)
     assert (runner.min_batch, runner.max_batch) == (lo, hi)
@@ -342,33 +263,15 @@ def test_runner_casts_and_checks_inputs(fake_runner):
 
 # ---- real TensorRT on a GPU ----------------------------------------------------------------------------------------
 
-def _tiny_onnx(path):
-    """out = sample * 2 + timestep[:, None, None, None]; sample [B,1,4,4] float, timestep [B] float; opset 18."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["sample", "two"], ["doubled"]),
-         helper.make_node("Unsqueeze", ["timestep", "axes"], ["t4"]),
-         helper.make_node("Add", ["doubled", "t4"], ["out"])],
-        "tiny",
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["B", 1, 4, 4]),
-         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["B"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 1, 4, 4])],
-        initializer=[helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
-                     helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kwargs, lo, hi", [({"min_batch": 1, "opt_batch": 2, "max_batch": 4}, 1, 4),
-                                            ({"static_batch": 2}, 2, 2)])
+@pytest.mark.parametrize(
+    "kwargs, lo, hi", [({"min_batch": 1, "opt_batch": 2, "max_batch": 4}, 1, 4), ({"static_batch": 2}, 2, 2)]
+)
 def test_tensorrt_build_and_run(tmp_path, kwargs, lo, hi):
     pytest.importorskip("tensorrt")
-    onnx_path = _tiny_onnx(tmp_path / "tiny.onnx")
+    pytest.importorskip("onnx")
+    onnx_path = tiny_onnx(tmp_path / "tiny.onnx")
     plan = build_engine(onnx_path, tmp_path / "engines", log=lambda msg: None, **kwargs)
     assert plan.is_file() and plan.name.endswith(f"_fp32_b{lo}-{lo if lo == hi else 2}-{hi}.plan")
     assert (tmp_path / "engines" / "timing.cache").is_file()

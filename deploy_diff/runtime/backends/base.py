@@ -1,0 +1,221 @@
+"""What every backend runner shares: the call contract, the input check, batching, device strings, and the error
+raised when a backend's libraries are missing.
+
+A runner is a callable object over one UNet graph (Polygraphy's runners are the model):
+
+- ``runner(sample, timestep, class_labels=None) -> float32[B, C_out, H, W]`` with ``sample`` float32[B, C, H, W],
+  ``timestep`` float32[B] (or one scalar for every row) and ``class_labels`` int64[B] (class-conditional graphs
+  only). Arrays of another float / integer dtype are cast; anything else is refused by :func:`check_inputs`, the
+  same rules for every backend.
+- ``runner.close()`` frees what the runner holds (sessions, device buffers, threads); ``with runner: ...`` closes
+  it on exit. Calling a closed runner raises ``RuntimeError``.
+- ``runner.input_names`` (the graph's input names), ``runner.sample_shape`` ((C, H, W), None where symbolic) and
+  ``runner.static_batch`` (the one batch size the graph takes, or None): a batch of another size is split into
+  chunks and padded by :func:`run_in_batches`.
+
+Runners check array structure only. Value rules (the range of class labels, the null label, guidance, ``eta``,
+the step count) belong to the public entry points (``sample()``, ``Pipeline``), which check them once.
+
+Importing this module needs numpy only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BackendUnavailableError",
+    "Runner",
+    "check_graph_inputs",
+    "check_inputs",
+    "import_backend_module",
+    "parse_device",
+    "run_in_batches",
+]
+
+#: the dtype each UNet input is fed as, unless the graph declares another
+INPUT_DTYPES = {"sample": np.dtype(np.float32), "timestep": np.dtype(np.float32), "class_labels": np.dtype(np.int64)}
+
+
+class BackendUnavailableError(ImportError):
+    """A backend's libraries (onnxruntime, tensorrt, cuda-python) cannot be imported; the message says what to
+    install. An ``ImportError``, so ``except ImportError`` handles it."""
+
+
+def import_backend_module(name: str, message: str) -> Any:
+    """Import and return module ``name``, or raise :class:`BackendUnavailableError` with ``message``.
+
+    A module set to None in ``sys.modules`` (how tests hide an installed library) counts as missing.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise BackendUnavailableError(message) from e
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def parse_device(device: Any) -> tuple[str, int]:
+    """``"cpu"`` -> ``("cpu", 0)``, ``"cuda"`` -> ``("cuda", 0)``, ``"cuda:N"`` -> ``("cuda", N)``.
+
+    Raises ``ValueError`` for anything else (``"cpu:1"`` included: there is one CPU device).
+    """
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'); got {device!r}")
+    return match.group(1), int(match.group(2) or 0)
+
+
+def check_inputs(
+    sample: Any,
+    timestep: Any,
+    class_labels: Any,
+    *,
+    sample_shape: Sequence[int | None],
+    conditional: bool,
+    dtypes: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The one input check of every runner: the arrays by input name, contiguous, in the graph's dtypes.
+
+    ``sample_shape``: (C, H, W) the graph takes, None where it leaves a dimension symbolic. ``conditional``:
+    whether the graph has a ``class_labels`` input. ``dtypes``: the graph's dtype per input name where it
+    differs from float32 / float32 / int64. A scalar ``timestep`` is repeated for every row. Raises
+    ``ValueError`` naming the argument, the expected shape or dtype, and what was given.
+    """
+    dtypes = {**INPUT_DTYPES, **{k: np.dtype(v) for k, v in (dtypes or {}).items() if v is not None}}
+    sample = np.asarray(sample)
+    if sample.ndim != 4:
+        raise ValueError(f"sample must be a [B, C, H, W] array; got shape {sample.shape}")
+    batch = sample.shape[0]
+    if batch == 0:
+        raise ValueError("sample is an empty batch: pass at least one image, [B >= 1, C, H, W]")
+    expected = tuple(sample_shape)
+    if any(e is not None and e != s for e, s in zip(expected, sample.shape[1:])):
+        want = tuple(
+            batch if i == 0 else int(d) if d is not None else s
+            for i, (d, s) in enumerate(zip((batch, *expected), sample.shape))
+        )
+        raise ValueError(
+            f"sample has shape {sample.shape}; this model takes [B, {', '.join(map(str, expected))}], "
+            f"so sample must have shape {want}"
+        )
+    if sample.dtype.kind != "f":
+        raise ValueError(
+            f"sample has dtype {sample.dtype}, which does not cast to float32: sample must be a float array"
+        )
+    timestep = np.asarray(timestep)
+    if timestep.ndim == 0:
+        timestep = np.broadcast_to(timestep, (batch,))
+    if timestep.shape != (batch,):
+        raise ValueError(f"timestep must have shape [{batch}] (one per image) or be a scalar; got {timestep.shape}")
+    if timestep.dtype.kind not in "fiu":
+        raise ValueError(
+            f"timestep has dtype {timestep.dtype}, which does not cast to float32: timestep must be numeric"
+        )
+    arrays = {"sample": sample, "timestep": timestep}
+    if conditional:
+        if class_labels is None:
+            raise ValueError("this model is class-conditional: pass class_labels int64[B]")
+        labels = np.asarray(class_labels)
+        if labels.shape != (batch,) or labels.dtype.kind not in "iu":
+            raise ValueError(
+                f"class_labels must be an integer array of shape [{batch}]; got {labels.dtype} {labels.shape}"
+            )
+        arrays["class_labels"] = labels
+    elif class_labels is not None:
+        raise ValueError("this model is unconditional: class_labels must be None (got unexpected class_labels)")
+    return {name: np.ascontiguousarray(a, dtype=dtypes[name]) for name, a in arrays.items()}
+
+
+def check_graph_inputs(input_names: Sequence[str], where: str) -> None:
+    """A UNet graph takes ``sample`` and ``timestep``, and ``class_labels`` when class-conditional; nothing else.
+
+    ``where`` names the graph in the error (a file name, "the engine").
+    """
+    names = list(input_names)
+    if "sample" not in names or "timestep" not in names or set(names) - set(INPUT_DTYPES):
+        raise ValueError(
+            f"{where} has inputs {names}; a UNet graph takes `sample` and `timestep` (and `class_labels` when "
+            "class-conditional), nothing else"
+        )
+
+
+def run_in_batches(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    min_batch: int = 1,
+    max_batch: int | None = None,
+) -> np.ndarray:
+    """``run`` over chunks of at most ``max_batch`` rows, each padded up to ``min_batch`` rows; the outputs of the
+    real rows, concatenated, as float32.
+
+    For graphs whose batch size is fixed (``min_batch == max_batch``) or bounded (a TensorRT profile). Padding
+    repeats a chunk's last row, so padded rows are valid inputs; their outputs are dropped. ``max_batch=None``:
+    one call for the whole batch.
+    """
+    batch = len(next(iter(arrays.values())))
+    step = batch if max_batch is None else max_batch
+    outs = []
+    for start in range(0, batch, step):
+        chunk = {k: v[start : start + step] for k, v in arrays.items()}
+        n = len(next(iter(chunk.values())))
+        if n < min_batch:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], min_batch - n, axis=0)]) for k, v in chunk.items()}
+        outs.append(np.asarray(run(chunk))[:n])
+    out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+    return out if out.dtype == np.float32 else out.astype(np.float32)
+
+
+class Runner:
+    """The base of the backend runners: the context-manager protocol and the shared checks.
+
+    A subclass sets ``input_names``, ``sample_shape``, ``static_batch`` and ``_dtypes`` (the graph's dtype per
+    input name) and implements ``__call__`` and ``_release`` (free what it holds; called once, by :meth:`close`).
+    """
+
+    input_names: Sequence[str] = ()
+    sample_shape: tuple[int | None, ...] = (None, None, None)
+    static_batch: int | None = None
+    _dtypes: Mapping[str, Any] = {}
+    _closed = False
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the graph takes ``class_labels``."""
+        return "class_labels" in self.input_names
+
+    def _check(self, sample: Any, timestep: Any, class_labels: Any) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} was closed")
+        return check_inputs(
+            sample,
+            timestep,
+            class_labels,
+            sample_shape=self.sample_shape,
+            conditional=self.conditional,
+            dtypes=self._dtypes,
+        )
+
+    def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the session / engine and its buffers; calls afterwards raise ``RuntimeError``. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
