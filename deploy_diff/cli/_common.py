@@ -14,6 +14,13 @@ from collections.abc import Sequence
 
 FlagWords = Sequence[tuple[str, str]]
 
+# hints in runtime messages that say how to export a bundle that has what was asked for
+EXPORT_HINT_WORDS = (
+    (r"export_bundle\(\.\.\., fp16=True\)", "export with --fp16"),
+    (r"export_bundle\(\.\.\., static_batch=B\)", "export with --static-batch B"),
+    (r"export_bundle\(\.\.\., tensorrt=True\)", "export with --tensorrt"),
+)
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes some libraries put into their messages
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_command, int_list
+from ._common import EXPORT_HINT_WORDS, add_command, int_list
 
 NAME = "bench"
+
+
+# the library's export_bundle() arguments in runtime messages -> the export command's flags
+FLAG_WORDS = EXPORT_HINT_WORDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

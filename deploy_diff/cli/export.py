@@ -15,8 +15,9 @@ EXAMPLES = (
 
 # the library's argument names in its messages -> this command's flags (see _common.error_line)
 FLAG_WORDS = (
-    (r"\bstatic_batch(?= must\b)", "--static-batch"),
-    (r"\bopset(?= must\b)", "--opset"),
+    (r"\bstatic_batch must be (.*?) or None\b", r"--static-batch must be \1"),
+    (r"(?<![-\w])opset must be\b", "--opset must be"),
+    (r"^out=(['\"])(.*?)\1 ", r"--out \2 "),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_command, class_list
+from ._common import EXPORT_HINT_WORDS, add_command, class_list
 
 NAME = "sample"
 
@@ -14,6 +14,10 @@ EXAMPLES = (
     "  deploy-diff sample bundles/digits-cond --class 7 --guidance 3 -n 8 --out sevens.png\n"
     "  deploy-diff sample bundles/cifar --device cuda --npz --out samples.npz"
 )
+
+
+# the library's export_bundle() arguments in runtime messages -> the export command's flags
+FLAG_WORDS = EXPORT_HINT_WORDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
