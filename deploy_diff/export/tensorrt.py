@@ -48,7 +48,7 @@ _INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU and driver); the ONNX
 #: the largest relative_error an engine may show against ONNX Runtime, by the precision it computes in
 ENGINE_TOLERANCES = {"fp32": 1e-4, "tf32": 2e-2, "fp16": 2e-2, "bf16": 5e-2}
 
-#: the name this error had before there was one for every backend
+#: the export side's name for :class:`BackendUnavailableError` (the same class)
 TensorRTUnavailableError = BackendUnavailableError
 
 

@@ -174,7 +174,7 @@ def load_session(
         if on_cuda and cuda_graph and "cuda graph" in str(e).lower():
             raise ValueError(
                 f"ONNX Runtime cannot capture a CUDA graph of {path}: {first} (a CUDA graph needs every "
-                "node on the CUDA provider: export with a static batch)"
+                "node on the CUDA provider: export_bundle(..., static_batch=B))"
             ) from None
         if on_cuda and "cuda" in str(e).lower():
             raise RuntimeError(

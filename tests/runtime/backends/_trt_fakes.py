@@ -21,7 +21,7 @@ def fake_builder(inputs, parse_ok=True, build_ok=True, version="10.3.0"):
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
     if int(version.split(".")[0]) >= 11:  # TensorRT 11 removed the weak-typing precision flags
         trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
-    elif version == "10.3.0":  # the flags as the original tests knew them
+    elif version == "10.3.0":  # the precision flags only; "10.8.0" models TF32 as well
         trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", BF16="bf16")
     else:
         trt.BuilderFlag = types.SimpleNamespace(FP16="fp16", BF16="bf16", TF32="tf32")

@@ -105,7 +105,7 @@ def test_runner_without_cuda_python(monkeypatch, tmp_path):
     "module, absent",
     [
         ("deploy_diff.runtime.backends.tensorrt", ["tensorrt", "torch"]),  # the runtime never needs torch
-        ("deploy_diff.export.tensorrt", ["tensorrt"]),  # the export room is torch's, but TensorRT stays optional
+        ("deploy_diff.export.tensorrt", ["tensorrt"]),  # export needs torch, but TensorRT stays optional
     ],
 )
 def test_modules_import_without_tensorrt(module, absent):
