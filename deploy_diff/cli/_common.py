@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 FlagWords = Sequence[tuple[str, str]]
 
 # hints in runtime messages that say how to export a bundle that has what was asked for
 EXPORT_HINT_WORDS = (
     (r"export_bundle\(\.\.\., fp16=True\)", "export with --fp16"),
+    (r"export it with fp16=True", "export with --fp16"),
     (r"export_bundle\(\.\.\., static_batch=B\)", "export with --static-batch B"),
     (r"export_bundle\(\.\.\., tensorrt=True\)", "export with --tensorrt"),
 )
@@ -46,6 +48,18 @@ def int_list(text: str) -> list[int]:
 def class_list(text: str) -> list[int]:
     """argparse type for ``--class``: ``"7"`` -> ``[7]``, ``"1,7,7"`` -> ``[1, 7, 7]``."""
     return _comma_ints(text, "a class index or a comma list like 1,7,7")
+
+
+def passes(check: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    """Whether a library rule (a ``check_*`` function of :mod:`deploy_diff.runtime.arguments`) accepts these values.
+
+    A subcommand that checks an option before slow work (training, loading) asks the library's rule and words the
+    refusal itself, naming its flag."""
+    try:
+        check(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def error_line(command: str, error: BaseException, flag_words: FlagWords = ()) -> str:

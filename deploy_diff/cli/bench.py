@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import EXPORT_HINT_WORDS, add_command, int_list
+from ._common import EXPORT_HINT_WORDS, add_command, int_list, passes
 
 NAME = "bench"
 
@@ -32,9 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Time the runtime on a bundle; beside it, the diffusers pipeline on torch when the bundle came from one."""
     from ..analysis.bench import cold_start, diffusers_baseline, dumps, time_call, time_pipeline
+    from ..runtime.arguments import check_num_images, check_num_inference_steps
     from ..runtime.pipeline import Pipeline
 
-    if args.repeats < 1 or args.steps < 1 or not args.batch or min(args.batch) < 1:
+    steps_ok = passes(check_num_inference_steps, args.steps)
+    batches_ok = bool(args.batch) and all(passes(check_num_images, b) for b in args.batch)
+    if args.repeats < 1 or not steps_ok or not batches_ok:
         raise ValueError(
             f"--repeats, --steps and every --batch size must be >= 1; got --repeats {args.repeats}, "
             f"--steps {args.steps}, --batch {args.batch}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_command
+from ._common import add_command, passes
 
 NAME = "demo"
 
@@ -30,12 +30,19 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from ..runtime.arguments import check_guidance_scale, check_num_inference_steps
     from ..runtime.schedulers import SCHEDULER_NAMES
+    from ..train.config import TrainConfig
+    from ..train.unet import UNetConfig
 
-    if args.scheduler.lower() not in SCHEDULER_NAMES:  # checked before minutes of training, not after
+    # the sampling options are checked before minutes of training, not after
+    model_config = UNetConfig(num_classes=10)  # class-conditional, so the grid shows one digit per row
+    if args.scheduler.lower() not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; expected one of {list(SCHEDULER_NAMES)}")
-    if args.sample_steps < 1 or args.steps < 1:
+    if not passes(check_num_inference_steps, args.sample_steps) or not passes(TrainConfig, steps=args.steps):
         raise ValueError(f"--steps and --sample-steps must be >= 1; got {args.steps}, {args.sample_steps}")
+    if not passes(check_guidance_scale, args.guidance, model_config.null_class_label, conditional=True):
+        raise ValueError(f"--guidance must be a finite number >= 0; got {args.guidance}")
     out = Path(args.out)
     run_dir, bundle_dir = out / "run", out / "bundle"
     timings: list[tuple[str, float, str]] = []
@@ -50,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if done:
         print(f"[1/3] train: reusing {run_dir} (trained to {args.steps}+ steps; --retrain to start over)")
     else:
-        from ..train.config import TrainConfig
         from ..train.trainer import train
-        from ..train.unet import UNetConfig
 
         if run_dir.exists() and args.retrain:
             import shutil
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[1/3] train: {args.steps} steps on the built-in digits -> {run_dir}")
         t0 = time.perf_counter()
         result = train(
-            UNetConfig(num_classes=10),
+            model_config,
             TrainConfig(steps=args.steps, sample_every=0, seed=args.seed),
             run_dir,
             resume=run_dir.exists(),

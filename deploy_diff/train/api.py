@@ -1,11 +1,11 @@
-"""The seed document's Python API, working: ``DiffusionConfig``, ``DiffusionModel``, ``DiffusionTrainer``,
-``DiffusionAnalyzer``, ``SchedulerType``.
+"""A compact Python API with the names and defaults of the DDPM/DDIM reference formulation:
+``DiffusionConfig``, ``DiffusionModel``, ``DiffusionTrainer``, ``DiffusionAnalyzer``, ``SchedulerType``.
 
 These are thin, torch-side conveniences over the real components: :class:`UNet`, the runtime's schedule
 arrays, and ``deploy_diff.runtime.sampling.sample`` (the one sampling loop) through the torch runner.
-Where the seed's names clash with diffusers', the seed's *meaning* is kept through an explicit mapping:
-``SchedulerType.SCALED_LINEAR`` is improved-DDPM's 1000/T-scaled linear (``"iddpm_linear"``), never
-diffusers' ``scaled_linear``.
+Where the reference formulation's schedule names clash with diffusers', its *meaning* is kept through an
+explicit mapping: ``SchedulerType.SCALED_LINEAR`` is improved-DDPM's 1000/T-scaled linear
+(``"iddpm_linear"``), never diffusers' ``scaled_linear``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch import nn
 from ..runtime.rng import TorchGenerator
 from ..runtime.sampling import sample as run_sampling
 from ..runtime.schedulers import DDIMScheduler, DDPMScheduler
+from .objective import diffusion_loss, schedule_tensors
 from .runner import TorchRunner
-from .trainer import diffusion_loss, schedule_tensors
 from .unet import UNet, UNetConfig, count_flops, count_parameters
 
 __all__ = [
@@ -38,14 +38,15 @@ __all__ = [
 
 
 class SchedulerType(str, Enum):
-    """The seed's six schedules, mapped onto the runtime's names (see the README's naming table)."""
+    """The reference formulation's six schedules, mapped onto the runtime's ``beta_schedule`` names
+    (``deploy-diff schedules`` lists them all)."""
 
     LINEAR = "linear"
-    COSINE = "cosine"  # the seed's cosine exactly (not diffusers' squaredcos_cap_v2)
+    COSINE = "cosine"  # the reference cosine exactly (not diffusers' squaredcos_cap_v2)
     QUADRATIC = "quadratic"  # = diffusers' scaled_linear
     SIGMOID = "sigmoid"
-    SCALED_LINEAR = "iddpm_linear"  # the seed's "scaled linear": beta * 1000 / T
-    KARRAS = "karras"  # sigma rising along t (the seed's literal formula is degenerate)
+    SCALED_LINEAR = "iddpm_linear"  # the reference's "scaled linear": beta * 1000 / T
+    KARRAS = "karras"  # sigma rising along t (the reference's literal formula is degenerate)
 
 
 def _default_channel_mult(image_size: int) -> tuple[int, ...]:
@@ -55,7 +56,8 @@ def _default_channel_mult(image_size: int) -> tuple[int, ...]:
 
 @dataclass
 class DiffusionConfig:
-    """The seed's configuration (its field names and defaults), plus a few fields it used implicitly."""
+    """The reference formulation's configuration (its field names and defaults), plus a few fields it leaves
+    implicit."""
 
     # model architecture
     image_size: int = 64
@@ -122,7 +124,8 @@ class DiffusionConfig:
 
 
 class NoiseSchedule:
-    """The torch-side forward process with the seed's signatures, built from the runtime's float64 arrays."""
+    """The torch-side forward process with the reference formulation's signatures, built from the runtime's
+    float64 arrays."""
 
     def __init__(self, config: DiffusionConfig, device: torch.device | str = "cpu"):
         rs = DDPMScheduler(**config.scheduler_kwargs())
@@ -231,7 +234,7 @@ class DiffusionModel(nn.Module):
 
 
 class DiffusionTrainer:
-    """``DiffusionTrainer(model, config).train(dataloader)``: the seed's trainer over any iterable of
+    """``DiffusionTrainer(model, config).train(dataloader)``: a minimal trainer over any iterable of
     batches (image tensors in [-1, 1], or ``(images, labels)`` pairs)."""
 
     def __init__(self, model: DiffusionModel, config: DiffusionConfig | None = None, seed: int = 0):
@@ -302,7 +305,7 @@ class DiffusionTrainer:
 
 
 class DiffusionAnalyzer:
-    """Model statistics and sampling benchmarks (the seed's analyzer)."""
+    """Model statistics and sampling benchmarks."""
 
     def analyze_model(self, model: DiffusionModel | UNet) -> dict[str, Any]:
         """Parameters, FLOPs per forward (batch 1) and activation memory of one forward pass."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import signal
 import time
@@ -24,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..runtime._fileio import atomic_open
 from ..runtime.images import image_grid, save_png, to_images
@@ -42,29 +40,11 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import ImageData, load_data, random_flip
+from .objective import diffusion_loss, lr_at, schedule_tensors
 from .runner import TorchRunner
 from .unet import UNet, UNetConfig, count_parameters
 
 __all__ = ["Trainer", "diffusion_loss", "lr_at", "schedule_tensors", "train"]
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay to
-    ``lr * min_lr_ratio`` at ``cfg.steps`` (the schedule is defined over the run's total)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "l2":
-        return F.mse_loss(pred, target)
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    return F.smooth_l1_loss(pred, target, beta=0.1)  # huber
 
 
 def _device(spec: str, local_rank: int) -> torch.device:
@@ -74,48 +54,6 @@ def _device(spec: str, local_rank: int) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={spec!r} but CUDA is not available here; use device='cpu' or 'auto'")
     return dev
-
-
-def diffusion_loss(
-    model: torch.nn.Module,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    labels: torch.Tensor | None,
-    sqrt_abar: torch.Tensor,
-    sqrt_one_minus_abar: torch.Tensor,
-    prediction_type: str,
-    loss_type: str,
-    mixed_precision: str = "no",
-) -> torch.Tensor:
-    """The denoising loss of one batch: noise x0 to x_t with q(x_t | x_0) and regress the target of
-    ``prediction_type`` (epsilon: the noise; v_prediction: sqrt(abar) eps - sqrt(1 - abar) x0; sample: x0).
-
-    ``sqrt_abar`` / ``sqrt_one_minus_abar`` are float32[T] tensors made from the runtime scheduler's
-    float64 ``alphas_cumprod`` (one source of truth with ``add_noise`` / ``get_velocity``).
-    """
-    a = sqrt_abar[t][:, None, None, None]
-    s = sqrt_one_minus_abar[t][:, None, None, None]
-    noisy = a * x0 + s * noise  # the runtime's add_noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = a * noise - s * x0  # the runtime's get_velocity
-    else:
-        target = x0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred = model(noisy, t.float(), labels)
-    return _loss(pred.float()[:, : x0.shape[1]], target, loss_type)
-
-
-def schedule_tensors(noise_scheduler: DDPMScheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 sqrt(abar) and sqrt(1 - abar) on ``device`` from the runtime scheduler's float64 arrays."""
-    abar = noise_scheduler.alphas_cumprod
-    return (
-        torch.tensor(np.sqrt(abar), dtype=torch.float32, device=device),
-        torch.tensor(np.sqrt(1 - abar), dtype=torch.float32, device=device),
-    )
 
 
 class Trainer:

@@ -161,3 +161,27 @@ def test_sample_hints_name_the_export_flags(cond_run_bundle, tmp_path, capsys, f
     line = _error(capsys, "sample")
     assert message in line and "export_bundle(" not in line
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--guidance=nan", "--guidance must be a finite number >= 0; got nan"),
+        ("--guidance=-1", "--guidance must be a finite number >= 0; got -1.0"),
+        ("--sample-steps=-2", "--steps and --sample-steps must be >= 1; got 1, -2"),
+    ],
+)
+def test_demo_checks_its_sampling_options_with_the_library_rules_before_training(
+    tmp_path, capsys, monkeypatch, option, message
+):
+    """demo asks the runtime's argument rules (runtime/arguments.py) about --guidance and --sample-steps before it
+    trains, and names its flags when they refuse."""
+    import deploy_diff.train.trainer as trainer
+
+    def no_training(*args, **kwargs):
+        raise RuntimeError("demo started training before checking its sampling options")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1", "--no-progress", option]) == 1
+    assert f"ValueError: {message}" in _error(capsys, "demo")
+    assert not (tmp_path / "demo").exists()
