@@ -1,5 +1,5 @@
-"""Export room (torch + onnx): checkpoints and diffusers UNets to validated bundles. Never imported by the
-runtime.
+"""Export (needs torch and onnx): training runs and diffusers UNets to validated bundles. The runtime never imports
+this package.
 
     from deploy_diff.export import export_bundle, load_run_source, load_diffusers_source
     export_bundle(load_run_source("runs/digits"), "bundles/digits", fp16=True)
@@ -9,5 +9,11 @@ from .bundle import export_bundle
 from .sources import ExportError, ExportSource, load_diffusers_source, load_run_source
 from .validate import ValidationError
 
-__all__ = ["ExportError", "ExportSource", "ValidationError", "export_bundle", "load_diffusers_source",
-           "load_run_source"]
+__all__ = [
+    "ExportError",
+    "ExportSource",
+    "ValidationError",
+    "export_bundle",
+    "load_diffusers_source",
+    "load_run_source",
+]

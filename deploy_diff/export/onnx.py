@@ -15,17 +15,38 @@ import onnx
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_BLOCKED_OPS", "MIN_OPSET", "convert_to_fp16",
-           "export_onnx", "save_onnx", "timestep_embedding_nodes"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+    "FP16_BLOCKED_OPS",
+    "MIN_OPSET",
+    "convert_to_fp16",
+    "export_onnx",
+    "save_onnx",
+    "timestep_embedding_nodes",
+]
 
-DEFAULT_OPSET = 18   # the oldest opset torch's dynamo exporter implements natively (17 goes through a converter)
+DEFAULT_OPSET = 18  # the oldest opset torch's dynamo exporter implements natively (17 goes through a converter)
 MIN_OPSET = 17
-EXTERNAL_DATA_THRESHOLD = 2_000_000_000 - (64 << 20)   # protobuf's 2 GB limit, with room for the graph itself
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000 - (64 << 20)  # protobuf's 2 GB limit, with room for the graph itself
 
 # Kept in float32 by the fp16 conversion: normalisation and softmax (large sums, small variances), Resize (its
 # scales input must stay float), and the sinusoidal timestep embedding's trigonometry.
-FP16_BLOCKED_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
-                    "Softmax", "Resize", "Sin", "Cos", "Exp", "Range", "Pow", "ReduceMean", "Sqrt")
+FP16_BLOCKED_OPS = (
+    "InstanceNormalization",
+    "GroupNormalization",
+    "LayerNormalization",
+    "BatchNormalization",
+    "Softmax",
+    "Resize",
+    "Sin",
+    "Cos",
+    "Exp",
+    "Range",
+    "Pow",
+    "ReduceMean",
+    "Sqrt",
+)
 
 
 @contextlib.contextmanager
@@ -45,8 +66,14 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], input_names: Sequence[str],
-                output_name: str = "out", opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> onnx.ModelProto:
+def export_onnx(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    output_name: str = "out",
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> onnx.ModelProto:
     """Trace ``module(*example_inputs)`` into an in-memory ONNX model; the batch dimension is symbolic
     (``batch``) unless ``dynamic_batch=False``, when every shape is that of ``example_inputs``."""
     if opset < MIN_OPSET:
@@ -58,13 +85,24 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], input
     module = module.eval()
     with _quiet_exporter() as log, torch.no_grad():
         try:
-            program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, input_names=list(input_names),
-                                        output_names=[output_name], dynamic_shapes=dynamic_shapes,
-                                        opset_version=opset, external_data=False, optimize=True, verbose=False)
+            program = torch.onnx.export(
+                module,
+                tuple(example_inputs),
+                dynamo=True,
+                input_names=list(input_names),
+                output_names=[output_name],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
         except Exception as e:
             tail = log.getvalue().strip().splitlines()[-5:]
-            raise RuntimeError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}"
-                               + ("\n" + "\n".join(tail) if tail else "")) from e
+            raise RuntimeError(
+                f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+                + ("\n" + "\n".join(tail) if tail else "")
+            ) from e
     model = program.model_proto
     model.producer_name = "deploy-diff"
     return model
@@ -100,12 +138,16 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_BLOCKED_OPS),
-            node_block_list=timestep_embedding_nodes(model))
+            model,
+            keep_io_types=True,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_BLOCKED_OPS),
+            node_block_list=timestep_embedding_nodes(model),
+        )
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
-              ) -> list[Path]:
+def save_onnx(
+    model: onnx.ModelProto, path: str | os.PathLike, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> list[Path]:
     """Write ``model`` to ``path``: one self-contained file when it is below ``external_data_threshold``
     bytes, else the graph plus ``<name>.data`` holding every tensor of 1 KiB or more. Returns the files written.
     (The caller writes into a temporary bundle folder, so a failure leaves nothing visible.)"""
@@ -114,6 +156,12 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data_thr
         path.write_bytes(model.SerializeToString())
         return [path]
     data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
     return [path, path.with_name(data_name)]

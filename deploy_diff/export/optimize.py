@@ -28,10 +28,10 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass
 class _Projection:
-    x: str                    # (B, L, C) input of the projection
-    weight: np.ndarray        # (C, C')
-    bias: np.ndarray          # (C',)
-    scale: float              # product of the scalar Muls on the way to the attention MatMul
+    x: str  # (B, L, C) input of the projection
+    weight: np.ndarray  # (C, C')
+    bias: np.ndarray  # (C',)
+    scale: float  # product of the scalar Muls on the way to the attention MatMul
 
 
 class _Graph:
@@ -46,7 +46,7 @@ class _Graph:
         self.graph_outputs = {o.name for o in g.output}
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-        except Exception:   # shape inference is only a check here; without it nothing matches
+        except Exception:  # shape inference is only a check here; without it nothing matches
             inferred = onnx.GraphProto()
         self.shapes: dict[str, list[int | None]] = {}
         for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
@@ -89,8 +89,7 @@ def _mul_operand(g: _Graph, node: onnx.NodeProto) -> str:
     return node.input[0] if g.const(node.input[1]) is not None else node.input[1]
 
 
-def _walk(g: _Graph, name: str, steps: list[str]
-          ) -> tuple[str, float, list[str], list[onnx.NodeProto]] | None:
+def _walk(g: _Graph, name: str, steps: list[str]) -> tuple[str, float, list[str], list[onnx.NodeProto]] | None:
     """Walk back from ``name`` through the ops in ``steps`` (last step first), skipping scalar Muls anywhere
     (they commute with layout ops). Returns (start tensor, product of the scalars, every tensor passed, the
     nodes matching ``steps`` in ``steps`` order) or None. Each step is 'T:<perm>' for a Transpose with that
@@ -192,7 +191,7 @@ def _match(g: _Graph, softmax: onnx.NodeProto):
         return None
     lq, lkv = sq[1], skv[1]
     c = q.weight.shape[1]
-    q_heads = g.shapes.get(wq[3][0].output[0])   # (B, L, N, H) after the q path's Reshape
+    q_heads = g.shapes.get(wq[3][0].output[0])  # (B, L, N, H) after the q path's Reshape
     if q_heads is None or len(q_heads) != 4 or not q_heads[2] or not q_heads[3]:
         return None
     heads, head = q_heads[2], q_heads[3]
@@ -200,13 +199,15 @@ def _match(g: _Graph, softmax: onnx.NodeProto):
         return None
     if k.weight.shape[0] != v.weight.shape[0] or sq[2] != q.weight.shape[0] or skv[2] != k.weight.shape[0]:
         return None
-    ok = (g.shape_ends(wq[3][0].output[0], [lq, heads, head])
-          and g.shape_ends(wv[3][0].output[0], [lkv, heads, head])
-          and g.shape_ends(wk[3][0].output[0], [lkv, heads, head])
-          and g.shape_ends(mm1.input[1], [heads, head, lkv])
-          and g.shape_ends(mm1.output[0], [heads, lq, lkv])
-          and g.shape_ends(r_out.output[0], [lq, c]))
-    if k_route == "3d":   # the 3-D Reshape must merge (B, N) and keep (L, H)
+    ok = (
+        g.shape_ends(wq[3][0].output[0], [lq, heads, head])
+        and g.shape_ends(wv[3][0].output[0], [lkv, heads, head])
+        and g.shape_ends(wk[3][0].output[0], [lkv, heads, head])
+        and g.shape_ends(mm1.input[1], [heads, head, lkv])
+        and g.shape_ends(mm1.output[0], [heads, lq, lkv])
+        and g.shape_ends(r_out.output[0], [lq, c])
+    )
+    if k_route == "3d":  # the 3-D Reshape must merge (B, N) and keep (L, H)
         ok = ok and g.shape_ends(wk[3][2].output[0], [lkv, head])
     if not ok:
         return None
@@ -240,8 +241,11 @@ def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     g = _Graph(out)
     fused: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
-    names = {n.name for n in out.graph.node} | {t.name for t in out.graph.initializer} | {
-        o for n in out.graph.node for o in n.output}
+    names = (
+        {n.name for n in out.graph.node}
+        | {t.name for t in out.graph.initializer}
+        | {o for n in out.graph.node for o in n.output}
+    )
 
     def fresh(base: str) -> str:
         i = 0
@@ -263,14 +267,22 @@ def optimize_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(helper.make_node("MatMul", [p.x, w], [f"{prefix}_{tag}"], f"{prefix}_matmul_{tag}"))
         bias = f"{prefix}_bias"
         new_inits.append(numpy_helper.from_array(np.concatenate([q.bias, k.bias, v.bias]).astype(np.float32), bias))
-        nodes.append(helper.make_node("MultiHeadAttention", [f"{prefix}_q", f"{prefix}_k", f"{prefix}_v", bias],
-                                      [r_out.output[0]], prefix, domain=MS_DOMAIN, num_heads=int(heads),
-                                      scale=float(q.scale * k.scale)))
+        nodes.append(
+            helper.make_node(
+                "MultiHeadAttention",
+                [f"{prefix}_q", f"{prefix}_k", f"{prefix}_v", bias],
+                [r_out.output[0]],
+                prefix,
+                domain=MS_DOMAIN,
+                num_heads=int(heads),
+                scale=float(q.scale * k.scale),
+            )
+        )
         fused[r_out.output[0]] = nodes
     if not fused:
         return out
     rebuilt = []
-    for n in out.graph.node:   # each fused block goes where its output Reshape was: every input exists by then
+    for n in out.graph.node:  # each fused block goes where its output Reshape was: every input exists by then
         rebuilt.extend(fused[n.output[0]] if n.op_type == "Reshape" and n.output[0] in fused else [n])
     del out.graph.node[:]
     out.graph.node.extend(rebuilt)

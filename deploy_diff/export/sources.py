@@ -23,14 +23,14 @@ class ExportError(ValueError):
 
 @dataclass
 class ExportSource:
-    module: nn.Module                  # forward(sample, timestep[, class_labels]) -> out
+    module: nn.Module  # forward(sample, timestep[, class_labels]) -> out
     sample_size: tuple[int, int]
     in_channels: int
     out_channels: int
     num_classes: int
     null_class_label: int | None
     prediction_type: str
-    scheduler_config: dict[str, Any]   # written as scheduler_config.json
+    scheduler_config: dict[str, Any]  # written as scheduler_config.json
     source: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
 
@@ -42,8 +42,10 @@ class ExportSource:
 def _check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]:
     name = config.get("_class_name", "DDPMScheduler")
     if name not in SCHEDULER_CLASSES:
-        raise ExportError(f"{where} names the scheduler {name!r}, which the runtime does not implement; "
-                          f"supported: {sorted(SCHEDULER_CLASSES)}")
+        raise ExportError(
+            f"{where} names the scheduler {name!r}, which the runtime does not implement; "
+            f"supported: {sorted(SCHEDULER_CLASSES)}"
+        )
     try:
         load_scheduler(config)
     except (TypeError, ValueError) as e:
@@ -74,13 +76,14 @@ class _RunModule(nn.Module):
 
 
 def load_run_source(run_dir: str | Path, use_ema: bool = True) -> ExportSource:
-    """A training output folder of ours (``deploy-diff train --out RUN_DIR``); EMA weights by default."""
+    """A training run folder of ours (what ``deploy_diff.train.train`` or ``deploy-diff train --out RUN_DIR``
+    writes); EMA weights by default."""
     from ..train.checkpoint import CheckpointError, read_checkpoint
     from ..train.unet import UNet
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExportError(f"{run_dir} is not a folder; expected a training run folder (deploy-diff train --out)")
+        raise ExportError(f"{run_dir} is not a folder; expected a training run folder (what train() writes)")
     try:
         ckpt = read_checkpoint(run_dir)
     except CheckpointError as e:
@@ -99,12 +102,22 @@ def load_run_source(run_dir: str | Path, use_ema: bool = True) -> ExportSource:
     scheduler_config = _check_scheduler_config(_read_json(sched_path, "scheduler config"), str(sched_path))
     prediction_type = ckpt.meta.get("prediction_type") or scheduler_config.get("prediction_type", "epsilon")
     return ExportSource(
-        module=_RunModule(unet, config.num_classes > 0).eval(), sample_size=(config.sample_size, config.sample_size),
-        in_channels=config.in_channels, out_channels=config.out_channels, num_classes=config.num_classes,
-        null_class_label=config.null_class_label, prediction_type=prediction_type,
-        scheduler_config=scheduler_config, class_names=ckpt.meta.get("class_names"),
-        source={"kind": "deploy-diff", "path": str(run_dir.resolve()), "weights": "ema" if state is ckpt.ema_state
-                else "model", "step": ckpt.step})
+        module=_RunModule(unet, config.num_classes > 0).eval(),
+        sample_size=(config.sample_size, config.sample_size),
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_classes=config.num_classes,
+        null_class_label=config.null_class_label,
+        prediction_type=prediction_type,
+        scheduler_config=scheduler_config,
+        class_names=ckpt.meta.get("class_names"),
+        source={
+            "kind": "deploy-diff",
+            "path": str(run_dir.resolve()),
+            "weights": "ema" if state is ckpt.ema_state else "model",
+            "step": ckpt.step,
+        },
+    )
 
 
 class _DiffusersModule(nn.Module):
@@ -134,29 +147,34 @@ def load_diffusers_source(folder: str | Path, scheduler_config: str | Path | Non
         unet_dir = folder
         sched_file = Path(scheduler_config) if scheduler_config else None
     else:
-        raise ExportError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a model folder "
-                          "(config.json)")
+        raise ExportError(
+            f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a model folder (config.json)"
+        )
     unet_config = _read_json(unet_dir / "config.json", "diffusers UNet")
     cls_name = unet_config.get("_class_name")
     if cls_name != "UNet2DModel":
-        raise ExportError(f"{unet_dir}: the model is a {cls_name!r}; deploy-diff exports UNet2DModel (pixel-space, "
-                          "unconditional or class-conditional) only")
+        raise ExportError(
+            f"{unet_dir}: the model is a {cls_name!r}; deploy-diff exports UNet2DModel (pixel-space, "
+            "unconditional or class-conditional) only"
+        )
     if unet_config.get("class_embed_type") not in (None,):
-        raise ExportError(f"{unet_dir}: class_embed_type={unet_config['class_embed_type']!r} is not supported; "
-                          "class-conditional models need num_class_embeds with the default embedding")
+        raise ExportError(
+            f"{unet_dir}: class_embed_type={unet_config['class_embed_type']!r} is not supported; "
+            "class-conditional models need num_class_embeds with the default embedding"
+        )
     weights = [p for p in unet_dir.iterdir() if p.name.startswith("diffusion_pytorch_model")]
     if not weights:
         raise ExportError(f"{unet_dir} holds no weights (diffusion_pytorch_model.safetensors or .bin)")
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise ExportError("exporting a diffusers model needs diffusers: pip install 'deploy-diff[diffusers]'") \
-            from None
+        raise ExportError("exporting a diffusers model needs diffusers: pip install 'deploy-diff[diffusers]'") from None
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises many kinds (OSError, EnvironmentError, safetensors errors)
-        raise ExportError(f"cannot load the UNet from {unet_dir}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ExportError(
+            f"cannot load the UNet from {unet_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     unet.eval()
     if sched_file is not None:
         sched = _check_scheduler_config(_read_json(sched_file, "scheduler config"), str(sched_file))
@@ -167,15 +185,26 @@ def load_diffusers_source(folder: str | Path, scheduler_config: str | Path | Non
     size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     num_classes = int(cfg.num_class_embeds or 0)
     return ExportSource(
-        module=_DiffusersModule(unet, num_classes > 0).eval(), sample_size=size, in_channels=int(cfg.in_channels),
-        out_channels=int(cfg.out_channels), num_classes=num_classes, null_class_label=None,
-        prediction_type=str(sched.get("prediction_type", "epsilon")), scheduler_config=sched,
-        source={"kind": "diffusers", "path": str(folder.resolve()), "class": cls_name,
-                "diffusers_version": unet_config.get("_diffusers_version")})
+        module=_DiffusersModule(unet, num_classes > 0).eval(),
+        sample_size=size,
+        in_channels=int(cfg.in_channels),
+        out_channels=int(cfg.out_channels),
+        num_classes=num_classes,
+        null_class_label=None,
+        prediction_type=str(sched.get("prediction_type", "epsilon")),
+        scheduler_config=sched,
+        source={
+            "kind": "diffusers",
+            "path": str(folder.resolve()),
+            "class": cls_name,
+            "diffusers_version": unet_config.get("_diffusers_version"),
+        },
+    )
 
 
-def example_inputs(src: ExportSource, batch: int, generator: torch.Generator | None = None,
-                   num_train_timesteps: int = 1000) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    src: ExportSource, batch: int, generator: torch.Generator | None = None, num_train_timesteps: int = 1000
+) -> tuple[torch.Tensor, ...]:
     """Random (sample, timestep[, class_labels]) for tracing and validation; timesteps are fractional."""
     g = generator or torch.Generator().manual_seed(0)
     h, w = src.sample_size

@@ -1,7 +1,8 @@
 """Validation: the exported graph, run by ONNX Runtime, against the torch module on the same random inputs.
 
-Always part of an export. The error of one case is ``max|onnx - torch| / max(1, max|torch|)`` (DESIGN.md); the
-export fails when any case exceeds the tolerance (fp32 1e-4, fp16 2e-2), and the manifest records them all.
+Always part of an export. The error of one case is :func:`~deploy_diff.runtime._numeric.relative_error` of the ONNX
+output against torch's (``max|onnx - torch| / max(1, max|torch|)``); the export fails when any case exceeds the
+tolerance (fp32 1e-4, fp16 2e-2), and the manifest records them all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..runtime._numeric import RELATIVE_ERROR_METRIC, relative_error
 from .sources import ExportSource
 
 __all__ = ["TOLERANCES", "ValidationError", "check_graph", "validate"]
@@ -53,9 +55,16 @@ def _cases(src: ExportSource, batch_sizes: Sequence[int], num_train_timesteps: i
         yield inputs
 
 
-def validate(src: ExportSource, graph: Path, precision: str, batch_sizes: Sequence[int],
-             num_train_timesteps: int = 1000, seed: int = 0, tolerance: float | None = None,
-             providers: Sequence[str] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+def validate(
+    src: ExportSource,
+    graph: Path,
+    precision: str,
+    batch_sizes: Sequence[int],
+    num_train_timesteps: int = 1000,
+    seed: int = 0,
+    tolerance: float | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> dict[str, Any]:
     """Run ``graph`` in ONNX Runtime and ``src.module`` in torch on the same inputs; return the measured
     errors, or raise :class:`ValidationError` naming the worst case when one exceeds the tolerance."""
     import onnxruntime as ort
@@ -76,20 +85,31 @@ def validate(src: ExportSource, graph: Path, precision: str, batch_sizes: Sequen
         feeds = {k: v.numpy() for k, v in inputs.items() if k in names}
         got = session.run(None, feeds)[0]
         if got.shape != expected.shape:
-            raise ValidationError(f"{graph.name}: output shape {got.shape} != torch's {expected.shape} at batch "
-                                  f"{len(inputs['sample'])}")
+            raise ValidationError(
+                f"{graph.name}: output shape {got.shape} != torch's {expected.shape} at batch {len(inputs['sample'])}"
+            )
         finite = bool(np.isfinite(got).all())
-        err = float(np.abs(got.astype(np.float64) - expected).max() / max(1.0, float(np.abs(expected).max()))) \
-            if finite else float("inf")
-        cases.append({"batch": int(inputs["sample"].shape[0]),
-                      "timesteps": [round(float(v), 4) for v in inputs["timestep"]],
-                      "max_error": err, "max_abs_torch": float(np.abs(expected).max())})
+        err = relative_error(got, expected) if finite else float("inf")
+        cases.append(
+            {
+                "batch": int(inputs["sample"].shape[0]),
+                "timesteps": [round(float(v), 4) for v in inputs["timestep"]],
+                "max_error": err,
+                "max_abs_torch": float(np.abs(expected).max()),
+            }
+        )
     worst = max(cases, key=lambda c: c["max_error"])
-    report = {"tolerance": tol, "max_error": worst["max_error"], "cases": cases,
-              "metric": "max|onnx - torch| / max(1, max|torch|)", "provider": list(providers)[0]}
+    report = {
+        "tolerance": tol,
+        "max_error": worst["max_error"],
+        "cases": cases,
+        "metric": RELATIVE_ERROR_METRIC,
+        "provider": list(providers)[0],
+    }
     if not worst["max_error"] <= tol:
         raise ValidationError(
             f"validation failed: the {precision} graph differs from the torch model by {worst['max_error']:.3g} "
             f"(tolerance {tol:g}) at batch {worst['batch']}, timesteps {worst['timesteps']}; the export was "
-            "discarded. A graph the exporter mistranslated, or weights changed during export, are the usual causes")
+            "discarded. A graph the exporter mistranslated, or weights changed during export, are the usual causes"
+        )
     return report

@@ -14,8 +14,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_class_labels", "check_eta", "check_guidance_scale", "check_num_images", "check_num_inference_steps",
-           "check_seeds", "is_int", "is_real"]
+__all__ = [
+    "check_class_labels",
+    "check_eta",
+    "check_guidance_scale",
+    "check_num_images",
+    "check_num_inference_steps",
+    "check_seeds",
+    "is_int",
+    "is_real",
+]
 
 _INT64_MAX = np.iinfo(np.int64).max
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed's range: larger seeds would alias smaller ones
@@ -41,14 +49,13 @@ def check_num_images(num_images: Any) -> int:
 def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int | None = None) -> int:
     """``num_inference_steps``: an int >= 1 and, when the scheduler's ``num_train_timesteps`` is given, at most that
     (a schedule cannot have more distinct steps than the model was trained on)."""
-    bounds = "an int >= 1" if num_train_timesteps is None else f"an int in [1, {num_train_timesteps}]"
-    if not is_int(num_inference_steps):
-        raise ValueError(f"num_inference_steps must be {bounds}; got {num_inference_steps!r}")
-    if num_train_timesteps is not None and not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps="
-                         f"{num_train_timesteps}]: the model was trained on {num_train_timesteps} timesteps")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be {bounds}; got {num_inference_steps!r}")
+    if not is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
+    if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps="
+            f"{num_train_timesteps}]: the model was trained on {num_train_timesteps} timesteps"
+        )
     return int(num_inference_steps)
 
 
@@ -62,8 +69,9 @@ def check_eta(eta: Any, scheduler: Any = None) -> float:
     return float(eta)
 
 
-def check_guidance_scale(guidance_scale: Any, null_class_label: int | None, conditional: bool | None = None
-                         ) -> float | None:
+def check_guidance_scale(
+    guidance_scale: Any, null_class_label: int | None, conditional: bool | None = None
+) -> float | None:
     """``guidance_scale``: None, or a finite number >= 0 for a model with a null class label (classifier-free
     guidance runs the model with the null label for the unconditional half). ``conditional``: whether the model
     is class-conditional, when the caller knows it (it makes the message precise)."""
@@ -72,19 +80,29 @@ def check_guidance_scale(guidance_scale: Any, null_class_label: int | None, cond
     if not is_real(guidance_scale) or not np.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0 or None; got {guidance_scale!r}")
     if conditional is False:
-        raise ValueError("guidance_scale needs a class-conditional model trained with label dropout; this model is "
-                         "unconditional, so pass guidance_scale=None")
+        raise ValueError(
+            "guidance_scale needs a class-conditional model trained with label dropout; this model is "
+            "unconditional, so pass guidance_scale=None"
+        )
     if null_class_label is None:
         model = "this class-conditional model" if conditional else "this model"
-        raise ValueError(f"guidance_scale needs a null class label (a model trained with label dropout); {model} has "
-                         "no null label (diffusers' class-conditional UNets have none), so classifier-free guidance "
-                         "is unavailable: pass guidance_scale=None")
+        raise ValueError(
+            f"guidance_scale needs a null class label (a model trained with label dropout); {model} has "
+            "no null label (diffusers' class-conditional UNets have none), so classifier-free guidance "
+            "is unavailable: pass guidance_scale=None"
+        )
     return float(guidance_scale)
 
 
-def check_class_labels(class_labels: Any, batch: int, *, null_class_label: int | None = None,
-                       num_classes: int | None = None, conditional: bool | None = None, where: str | None = None
-                       ) -> np.ndarray | None:
+def check_class_labels(
+    class_labels: Any,
+    batch: int,
+    *,
+    null_class_label: int | None = None,
+    num_classes: int | None = None,
+    conditional: bool | None = None,
+    where: str | None = None,
+) -> np.ndarray | None:
     """``class_labels`` -> the int64[batch] labels the model gets, or None for a model without labels.
 
     ``class_labels``: one int (every image), one int per image, or None: then the ``null_class_label`` for every
@@ -102,13 +120,15 @@ def check_class_labels(class_labels: Any, batch: int, *, null_class_label: int |
             return np.full((batch,), int(null_class_label), dtype=np.int64)
         if conditional:
             classes = f" (0..{num_classes - 1})" if num_classes else ""
-            raise ValueError(f"this class-conditional model has no null label: pass class_labels{classes}, one per "
-                             "image or one int")
+            raise ValueError(
+                f"this class-conditional model has no null label: pass class_labels{classes}, one per image or one int"
+            )
         return None
     labels = np.asarray(class_labels)
     if labels.dtype.kind not in "iu" or labels.ndim > 1:
-        raise ValueError(f"class_labels must be integers: an int or a list of ints, one per image; got "
-                         f"{class_labels!r:.200}")
+        raise ValueError(
+            f"class_labels must be integers: an int or a list of ints, one per image; got {class_labels!r:.200}"
+        )
     if labels.ndim == 1 and labels.shape[0] != batch:
         where = where or f"a batch of {batch}"
         raise ValueError(f"got {labels.shape[0]} class_labels for {where}; pass one label per image or a single int")
@@ -142,7 +162,6 @@ def check_seeds(seed: Any, num_images: int) -> int | list[int] | None:
     if isinstance(seed, (list, tuple, np.ndarray)):
         seeds = [_seed(s, "each seed") for s in seed]
         if len(seeds) != num_images:
-            raise ValueError(f"got {len(seeds)} seeds for num_images={num_images}; pass one int or one seed per "
-                             "image")
+            raise ValueError(f"got {len(seeds)} seeds for num_images={num_images}; pass one int or one seed per image")
         return seeds
     return _seed(seed, "seed")

@@ -30,25 +30,38 @@ class NonFiniteError(FloatingPointError, ValueError):
 def _check_finite(x: np.ndarray, what: str, step: int, t: Any) -> None:
     if not np.isfinite(x).all():
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise NonFiniteError(f"{what} has {bad} non-finite value(s) at step {step} (timestep {t}); "
-                             "sampling stopped (an fp16 overflow or a broken model are the usual causes)")
+        raise NonFiniteError(
+            f"{what} has {bad} non-finite value(s) at step {step} (timestep {t}); "
+            "sampling stopped (an fp16 overflow or a broken model are the usual causes)"
+        )
 
 
 def _step_parameters(scheduler: Any) -> set[str]:
     return set(inspect.signature(scheduler.step).parameters)
 
 
-def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_steps: int = 50, generator=None,
-           guidance_scale: float | None = None, class_labels: Any = None, null_class_label: int | None = None,
-           eta: float = 0.0, latents: np.ndarray | None = None,
-           callback: Callable[[int, Any, np.ndarray], Any] | None = None, progress: bool = False) -> np.ndarray:
+def sample(
+    runner: Runner,
+    scheduler: Any,
+    shape: Sequence[int],
+    num_inference_steps: int = 50,
+    generator=None,
+    guidance_scale: float | None = None,
+    class_labels: Any = None,
+    null_class_label: int | None = None,
+    eta: float = 0.0,
+    latents: np.ndarray | None = None,
+    callback: Callable[[int, Any, np.ndarray], Any] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Run the reverse process; return the final sample float32[B, C, H, W].
 
     Args:
         runner: the model (see the module docstring).
         scheduler: any scheduler of ``deploy_diff.runtime.schedulers`` (or anything with their interface).
         shape: (B, C, H, W) of the sample.
-        num_inference_steps: passed to ``scheduler.set_timesteps``.
+        num_inference_steps: an int in [1, the scheduler's ``num_train_timesteps``], passed to
+            ``scheduler.set_timesteps``.
         generator: ``TorchGenerator`` (diffusers' noise for the same seed), ``numpy.random.Generator``, or a
             list with one per image; draws the initial latents, then the per-step noise of stochastic
             schedulers, in diffusers' order.
@@ -58,7 +71,10 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
         class_labels: int64[B] or one int for a class-conditional model. ``None`` with a
             ``null_class_label`` samples unconditionally through the null label.
         null_class_label: the model's "no class" label (models trained with label dropout), else None.
-        eta: DDIM's noise weight; an error for schedulers without one unless 0.
+        eta: DDIM's noise weight (>= 0); an error for schedulers without one unless 0.
+
+    Every argument is checked (by the rules of :mod:`.arguments`) before the model is called; a bad one raises
+    ``ValueError`` naming it.
         latents: float32[B, C, H, W] starting noise instead of drawing it; multiplied by the scheduler's
             ``init_noise_sigma`` like drawn latents.
         callback: called as ``callback(step_index, timestep, sample)`` after every step.
@@ -123,10 +139,16 @@ def sample(runner: Runner, scheduler: Any, shape: Sequence[int], num_inference_s
                 x_in = np.concatenate([x_in, x_in])
             t_in = np.full((model_batch,), t, dtype=np.float32)
             out = np.asarray(runner(x_in, t_in, model_labels))
-            if out.ndim != 4 or out.shape[0] != model_batch or out.shape[2:] != shape[2:] \
-                    or out.shape[1] not in (channels, 2 * channels):
-                raise ValueError(f"runner returned shape {out.shape}; expected ({model_batch}, {channels} or "
-                                 f"{2 * channels}, {shape[2]}, {shape[3]})")
+            if (
+                out.ndim != 4
+                or out.shape[0] != model_batch
+                or out.shape[2:] != shape[2:]
+                or out.shape[1] not in (channels, 2 * channels)
+            ):
+                raise ValueError(
+                    f"runner returned shape {out.shape}; expected ({model_batch}, {channels} or "
+                    f"{2 * channels}, {shape[2]}, {shape[3]})"
+                )
             _check_finite(out, "model output", i, t)
             if out.dtype != np.float32:
                 out = out.astype(np.float32)

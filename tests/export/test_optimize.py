@@ -11,12 +11,9 @@ from _bundles import diffusers_unet
 from deploy_diff.export.onnx import export_onnx
 from deploy_diff.export.optimize import count_fused_attention, optimize_graph
 from deploy_diff.export.sources import _DiffusersModule
+from deploy_diff.runtime._numeric import relative_error
 
 FP32_TOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(1.0, float(np.abs(b).max())))
 
 
 def run(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
@@ -44,20 +41,20 @@ def test_attention_is_fused_and_matches_torch(attention_unet):
     module, graph = attention_unet
     before = graph.SerializeToString()
     fused = optimize_graph(graph)
-    assert graph.SerializeToString() == before                  # the input is left alone
+    assert graph.SerializeToString() == before  # the input is left alone
     # AttnDownBlock2D (1) + the mid block (1) + AttnUpBlock2D (layers_per_block + 1 = 2); 64 channels / 8 = 8 heads
     assert count_fused_attention(fused) == 4
     assert not any(n.op_type == "Softmax" for n in fused.graph.node)
     assert {n.attribute[0].i for n in fused.graph.node if n.op_type == "MultiHeadAttention"} == {8}
     onnx.checker.check_model(fused)
     g = torch.Generator().manual_seed(1)
-    for batch in (1, 3):   # dynamic batch, other than the export's example batch
+    for batch in (1, 3):  # dynamic batch, other than the export's example batch
         x = torch.randn(batch, 1, 8, 8, generator=g)
         t = torch.linspace(0, 999, batch) + 0.37
         with torch.no_grad():
             expected = module(x, t).numpy()
-        assert rel_err(run(fused, x, t), expected) < FP32_TOL
-        assert rel_err(run(fused, x, t), run(graph, x, t)) < 1e-5
+        assert relative_error(run(fused, x, t), expected) < FP32_TOL
+        assert relative_error(run(fused, x, t), run(graph, x, t)) < 1e-5
 
 
 def test_rewrite_is_idempotent(attention_unet):

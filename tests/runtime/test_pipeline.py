@@ -22,8 +22,11 @@ def diffusers_images(pipeline_dir, kind, seed, n=3, steps=50, eta=0.0):
 
     unet = UNet2DModel.from_pretrained(pipeline_dir / "unet").eval()
     sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
-    generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) \
+    generator = (
+        [torch.Generator().manual_seed(s) for s in seed]
+        if isinstance(seed, list)
         else torch.Generator().manual_seed(seed)
+    )
     if kind == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
         pipe.set_progress_bar_config(disable=True)
@@ -33,12 +36,14 @@ def diffusers_images(pipeline_dir, kind, seed, n=3, steps=50, eta=0.0):
     return pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="np").images
 
 
-@pytest.mark.parametrize("kind, eta, seed", [("ddim", 0.0, 0), ("ddim", 0.0, 11), ("ddim", 1.0, 3), ("ddpm", 0.0, 0),
-                                             ("ddpm", 0.0, 5)])
+@pytest.mark.parametrize(
+    "kind, eta, seed", [("ddim", 0.0, 0), ("ddim", 0.0, 11), ("ddim", 1.0, 3), ("ddpm", 0.0, 0), ("ddpm", 0.0, 5)]
+)
 def test_equals_diffusers_pipelines_for_the_same_seed(diffusers_pipeline_dir, diffusers_bundle, kind, eta, seed):
     ref = diffusers_images(diffusers_pipeline_dir, kind, seed, eta=eta)
-    ours = Pipeline.from_bundle(diffusers_bundle, scheduler=kind)(num_images=3, num_inference_steps=50, seed=seed,
-                                                                   eta=eta)
+    ours = Pipeline.from_bundle(diffusers_bundle, scheduler=kind)(
+        num_images=3, num_inference_steps=50, seed=seed, eta=eta
+    )
     assert ours.shape == ref.shape and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= IMAGE_TOL
 
@@ -81,8 +86,9 @@ def test_a_scheduler_instance_is_copied_per_call(diffusers_bundle):
 
 def test_fp16_graph_samples_close_to_fp32(diffusers_bundle):
     a = Pipeline.from_bundle(diffusers_bundle, scheduler="ddim")(num_images=2, num_inference_steps=20, seed=0)
-    b = Pipeline.from_bundle(diffusers_bundle, scheduler="ddim", precision="fp16")(num_images=2,
-                                                                                    num_inference_steps=20, seed=0)
+    b = Pipeline.from_bundle(diffusers_bundle, scheduler="ddim", precision="fp16")(
+        num_images=2, num_inference_steps=20, seed=0
+    )
     # per forward the fp16 graph is within 2e-2 (export validation); over 20 deterministic steps the error drifts
     diff = np.abs(a - b)
     assert diff.mean() < 2e-2 and diff.max() < 0.1, (diff.mean(), diff.max())
@@ -102,13 +108,19 @@ def torch_pipe(cond_run_dir, cond_run_bundle):
     return lambda scheduler: Pipeline(TorchRunner(unet), bundle.model, bundle.scheduler_config(), scheduler=scheduler)
 
 
-@pytest.mark.parametrize("scheduler, kw", [("ddim", dict(guidance_scale=3.0, class_labels=[1, 5, 9])),
-                                           ("ddpm", dict(class_labels=7)),
-                                           ("dpmsolver++", dict()),
-                                           ("euler_a", dict(guidance_scale=2.0, class_labels=[0, 0, 3]))])
+@pytest.mark.parametrize(
+    "scheduler, kw",
+    [
+        ("ddim", dict(guidance_scale=3.0, class_labels=[1, 5, 9])),
+        ("ddpm", dict(class_labels=7)),
+        ("dpmsolver++", dict()),
+        ("euler_a", dict(guidance_scale=2.0, class_labels=[0, 0, 3])),
+    ],
+)
 def test_onnxruntime_pipeline_equals_the_torch_runner(cond_run_bundle, torch_pipe, scheduler, kw):
-    ours = Pipeline.from_bundle(cond_run_bundle, scheduler=scheduler)(num_images=3, num_inference_steps=20, seed=2,
-                                                                       **kw)
+    ours = Pipeline.from_bundle(cond_run_bundle, scheduler=scheduler)(
+        num_images=3, num_inference_steps=20, seed=2, **kw
+    )
     ref = torch_pipe(scheduler)(num_images=3, num_inference_steps=20, seed=2, **kw)
     assert np.abs(ours - ref).max() <= IMAGE_TOL
 
@@ -244,16 +256,19 @@ def test_class_label_rules(diffusers_bundle, cond_run_bundle, diffusers_cond_une
     assert dcond(class_labels=[1, 2], num_images=2, num_inference_steps=2, seed=0).shape == (2, 8, 8, 1)
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(num_images=0), ValueError, "num_images"),
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
-    (dict(seed=-1), ValueError, r"seed must lie in \[0, 2\*\*64\)"),
-    (dict(seed="a"), TypeError, "seed must be an int"),
-    (dict(seed=[1, 2], num_images=3), ValueError, "2 seeds for num_images=3"),
-    (dict(output_type="tensor"), ValueError, "output_type"),
-    (dict(eta=0.5), ValueError, "only used by DDIM"),
-    (dict(latents=np.zeros((1, 1, 4, 4), np.float32)), ValueError, "latents have shape"),
-])
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(num_images=0), ValueError, "num_images"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(seed=-1), ValueError, r"seed must lie in \[0, 2\*\*64\)"),
+        (dict(seed="a"), TypeError, "seed must be an int"),
+        (dict(seed=[1, 2], num_images=3), ValueError, "2 seeds for num_images=3"),
+        (dict(output_type="tensor"), ValueError, "output_type"),
+        (dict(eta=0.5), ValueError, "only used by DDIM"),
+        (dict(latents=np.zeros((1, 1, 4, 4), np.float32)), ValueError, "latents have shape"),
+    ],
+)
 def test_bad_call_arguments(diffusers_bundle, kw, err, match):
     with pytest.raises(err, match=match):
         Pipeline.from_bundle(diffusers_bundle, scheduler="ddpm")(**{"num_inference_steps": 2, **kw})
@@ -305,14 +320,17 @@ def test_runner_input_checks(cond_run_bundle):
     assert runner(x.astype(np.float64), 5, np.zeros(2, np.int64)).dtype == np.float32
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m.update(format_version=99), "format_version 99"),
-    (lambda m: m.update(format="something/else"), "expected 'deploy-diff/bundle'"),
-    (lambda m: m["files"].update({"../outside.txt": {"sha256": "0" * 64, "bytes": 1}}), "outside the bundle"),
-    (lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "outside the bundle"),
-    (lambda m: m["files"].pop("unet.onnx"), "lists no unet.onnx"),
-    (lambda m: m["files"].update({"missing.bin": {"sha256": "0" * 64, "bytes": 1}}), "missing missing.bin"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m.update(format_version=99), "format_version 99"),
+        (lambda m: m.update(format="something/else"), "expected 'deploy-diff/bundle'"),
+        (lambda m: m["files"].update({"../outside.txt": {"sha256": "0" * 64, "bytes": 1}}), "outside the bundle"),
+        (lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "outside the bundle"),
+        (lambda m: m["files"].pop("unet.onnx"), "lists no unet.onnx"),
+        (lambda m: m["files"].update({"missing.bin": {"sha256": "0" * 64, "bytes": 1}}), "missing missing.bin"),
+    ],
+)
 def test_bad_bundles_are_refused(diffusers_bundle, tmp_path, edit, match):
     b = tmp_path / "b"
     shutil.copytree(diffusers_bundle, b)
