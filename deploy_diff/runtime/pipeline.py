@@ -37,14 +37,17 @@ def _check_runner_matches(runner: Any, bundle: Bundle) -> None:
     m = bundle.model
     names = tuple(getattr(runner, "input_names", ()) or ())
     if names and set(names) != set(m.input_names):
-        raise BundleError(f"{bundle.path}: the graph's inputs {list(names)} differ from the manifest's "
-                          f"{list(m.input_names)}")
+        raise BundleError(
+            f"{bundle.path}: the graph's inputs {list(names)} differ from the manifest's {list(m.input_names)}"
+        )
     shape = getattr(runner, "sample_shape", None)
     if shape is not None:
         want = (m.in_channels, *m.sample_size)
         if any(d is not None and d != w for d, w in zip(shape, want)):
-            raise BundleError(f"{bundle.path}: the graph takes samples [B, {', '.join(map(str, shape))}] but the "
-                              f"manifest says [B, {', '.join(map(str, want))}]")
+            raise BundleError(
+                f"{bundle.path}: the graph takes samples [B, {', '.join(map(str, shape))}] but the "
+                f"manifest says [B, {', '.join(map(str, want))}]"
+            )
 
 
 class Pipeline:
@@ -54,25 +57,40 @@ class Pipeline:
     training side) with the model's :class:`~deploy_diff.runtime.bundle.ModelInfo` and a scheduler config.
     """
 
-    def __init__(self, runner: Callable[..., np.ndarray], model: ModelInfo, scheduler_config: dict[str, Any],
-                 scheduler: str | Any | None = None, bundle: Bundle | None = None):
+    def __init__(
+        self,
+        runner: Callable[..., np.ndarray],
+        model: ModelInfo,
+        scheduler_config: dict[str, Any],
+        scheduler: str | Any | None = None,
+        bundle: Bundle | None = None,
+    ):
         self.runner = runner
         self.model = model
         self.scheduler_config = dict(scheduler_config)
         self.bundle = bundle
         if isinstance(scheduler, str) and scheduler.lower() not in SCHEDULER_NAMES:
-            raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULER_NAMES)} or a "
-                             "scheduler instance")
+            raise ValueError(
+                f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULER_NAMES)} or a scheduler instance"
+            )
         if scheduler is not None and not isinstance(scheduler, str) and not hasattr(scheduler, "step"):
             raise TypeError(f"scheduler must be a name or a scheduler instance; got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.make_scheduler()  # fail now, not at the first call, when the config does not fit
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike | Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                    scheduler: str | Any | None = None, precision: str = "fp32", num_threads: int | None = None,
-                    cuda_graph: bool = False, providers: Sequence[Any] | None = None, verify: bool = True
-                    ) -> Pipeline:
+    def from_bundle(
+        cls,
+        path: str | os.PathLike | Bundle,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        scheduler: str | Any | None = None,
+        precision: str = "fp32",
+        num_threads: int | None = None,
+        cuda_graph: bool = False,
+        providers: Sequence[Any] | None = None,
+        verify: bool = True,
+    ) -> Pipeline:
         """Load and verify the bundle at ``path`` and open its graph with ``backend``.
 
         ``scheduler``: a name (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
@@ -84,16 +102,23 @@ class Pipeline:
         if backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeRunner
 
-            runner = OnnxRuntimeRunner(bundle.graph_path(precision), device=device, providers=providers,
-                                       num_threads=num_threads, cuda_graph=cuda_graph)
+            runner = OnnxRuntimeRunner(
+                bundle.graph_path(precision),
+                device=device,
+                providers=providers,
+                num_threads=num_threads,
+                cuda_graph=cuda_graph,
+            )
         elif backend == "tensorrt":
             from .backends import parse_device
             from .backends.tensorrt import TensorRTRunner
 
             engines = bundle.engines
             if not engines:
-                raise ValueError(f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
-                                 "the GPU that will run it)")
+                raise ValueError(
+                    f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
+                    "the GPU that will run it)"
+                )
             wanted = [e for e in engines if f"_{precision}_" in e.name] or engines
             _, device_id = parse_device(device)  # TensorRT always runs on a GPU: "cpu" (the default) means GPU 0
             runner = TensorRTRunner(wanted[0], device_id=device_id)
@@ -114,9 +139,11 @@ class Pipeline:
             sched = copy.deepcopy(s)
         pt = getattr(sched, "config", {}).get("prediction_type")
         if pt is not None and pt != self.model.prediction_type:
-            raise ValueError(f"the scheduler's prediction_type is {pt!r} but the model predicts "
-                             f"{self.model.prediction_type!r}; configure the scheduler with "
-                             f"prediction_type={self.model.prediction_type!r}")
+            raise ValueError(
+                f"the scheduler's prediction_type is {pt!r} but the model predicts "
+                f"{self.model.prediction_type!r}; configure the scheduler with "
+                f"prediction_type={self.model.prediction_type!r}"
+            )
         return sched
 
     @staticmethod
@@ -129,10 +156,19 @@ class Pipeline:
         return TorchGenerator(seeds)
 
     # -- sampling -----------------------------------------------------------------------------------------
-    def __call__(self, num_images: int = 1, num_inference_steps: int = 50, seed: int | Sequence[int] | None = None,
-                 guidance_scale: float | None = None, class_labels: Any = None, eta: float = 0.0,
-                 latents: np.ndarray | None = None, output_type: str = "np", progress: bool = False,
-                 callback: Callable[[int, Any, np.ndarray], Any] | None = None) -> Any:
+    def __call__(
+        self,
+        num_images: int = 1,
+        num_inference_steps: int = 50,
+        seed: int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        class_labels: Any = None,
+        eta: float = 0.0,
+        latents: np.ndarray | None = None,
+        output_type: str = "np",
+        progress: bool = False,
+        callback: Callable[[int, Any, np.ndarray], Any] | None = None,
+    ) -> Any:
         """Sample ``num_images`` images; return them (see :func:`~deploy_diff.runtime.images.to_images`).
 
         ``seed``: one int (one torch-compatible generator for the batch, as diffusers'
@@ -145,25 +181,48 @@ class Pipeline:
             raise ValueError(f"output_type={output_type!r}; expected 'np', 'uint8', 'pil' or 'latent'")
         m = self.model
         if n * m.in_channels * m.sample_size[0] * m.sample_size[1] > MAX_ELEMENTS:
-            raise ValueError(f"num_images={n} asks for more than {MAX_ELEMENTS:,} latent values in one call; sample "
-                             "in smaller batches")
+            raise ValueError(
+                f"num_images={n} asks for more than {MAX_ELEMENTS:,} latent values in one call; sample "
+                "in smaller batches"
+            )
         # the model-aware rules; sample() checks the step count, eta and latents before any model call
         null = m.null_class_label if m.conditional else None
         guidance_scale = check_guidance_scale(guidance_scale, null, conditional=m.conditional)
-        labels = check_class_labels(class_labels, n, null_class_label=null, num_classes=m.num_classes,
-                                    conditional=m.conditional, where=f"num_images={n}")
+        labels = check_class_labels(
+            class_labels,
+            n,
+            null_class_label=null,
+            num_classes=m.num_classes,
+            conditional=m.conditional,
+            where=f"num_images={n}",
+        )
         generator = self._generators(seed, n)
         shape = (n, m.in_channels, m.sample_size[0], m.sample_size[1])
-        x = sample(self.runner, self.make_scheduler(), shape, num_inference_steps=num_inference_steps,
-                   generator=generator, guidance_scale=guidance_scale, class_labels=labels, null_class_label=null,
-                   eta=eta, latents=latents, callback=callback, progress=progress)
+        x = sample(
+            self.runner,
+            self.make_scheduler(),
+            shape,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            guidance_scale=guidance_scale,
+            class_labels=labels,
+            null_class_label=null,
+            eta=eta,
+            latents=latents,
+            callback=callback,
+            progress=progress,
+        )
         if output_type == "latent":
             return x
         return to_images(x, output_type)
 
     def __repr__(self) -> str:
         where = f" from {self.bundle.path}" if self.bundle is not None else ""
-        sched = self.scheduler if isinstance(self.scheduler, str) else \
-            type(self.scheduler).__name__ if self.scheduler is not None else \
-            self.scheduler_config.get("_class_name", "DDPMScheduler")
+        sched = (
+            self.scheduler
+            if isinstance(self.scheduler, str)
+            else type(self.scheduler).__name__
+            if self.scheduler is not None
+            else self.scheduler_config.get("_class_name", "DDPMScheduler")
+        )
         return f"Pipeline({type(self.runner).__name__}{where}, scheduler={sched})"
