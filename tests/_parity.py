@@ -38,9 +38,17 @@ def rel_err(ours: np.ndarray, theirs) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
 
 
-def run_parity(ours, theirs, num_inference_steps: int, shape=(2, 3, 8, 8), seed: int = 0,
-               step_kwargs: dict | None = None, out_channels: int | None = None,
-               check_timesteps: bool = True, timestep_atol: float = 0.0) -> float:
+def run_parity(
+    ours,
+    theirs,
+    num_inference_steps: int,
+    shape=(2, 3, 8, 8),
+    seed: int = 0,
+    step_kwargs: dict | None = None,
+    out_channels: int | None = None,
+    check_timesteps: bool = True,
+    timestep_atol: float = 0.0,
+) -> float:
     """Run both schedulers over a full loop; return the worst relative error over every prev_sample."""
     step_kwargs = step_kwargs or {}
     ours.set_timesteps(num_inference_steps)

@@ -20,8 +20,14 @@ def _keep(case: Case, valid: Callable[[Case], bool] | None) -> bool:
     return valid is None or bool(valid(case))
 
 
-def sample_cases(space: dict, n: int, seed: int, valid: Callable[[Case], bool] | None = None,
-                 normalise: Callable[[Case], Case] | None = None, max_draws: int = 1_000_000) -> list[Case]:
+def sample_cases(
+    space: dict,
+    n: int,
+    seed: int,
+    valid: Callable[[Case], bool] | None = None,
+    normalise: Callable[[Case], Case] | None = None,
+    max_draws: int = 1_000_000,
+) -> list[Case]:
     """``n`` distinct cases drawn from ``space`` with ``random.Random(seed)``, in draw order.
 
     Each draw picks one value per key (in the space's key order); ``normalise`` (if given) maps the draw to the
@@ -42,8 +48,12 @@ def sample_cases(space: dict, n: int, seed: int, valid: Callable[[Case], bool] |
     raise ValueError(f"found only {len(cases)} distinct valid cases of the {n} asked for in {max_draws} draws")
 
 
-def cross_product(space: dict, valid: Callable[[Case], bool] | None = None,
-                  normalise: Callable[[Case], Case] | None = None, base: Case | None = None) -> list[Case]:
+def cross_product(
+    space: dict,
+    valid: Callable[[Case], bool] | None = None,
+    normalise: Callable[[Case], Case] | None = None,
+    base: Case | None = None,
+) -> list[Case]:
     """Every valid combination of ``space`` (each laid over ``base``, when given), in ``itertools.product`` order."""
     keys = list(space)
     out = []
@@ -59,10 +69,23 @@ def cross_product(space: dict, valid: Callable[[Case], bool] | None = None,
 
 # short labels: a key's label prefixes its numbers and stands alone for a true boolean
 LABELS = {
-    "steps": "n", "solver_order": "o", "steps_offset": "off", "rescale_betas_zero_snr": "zsnr", "thresholding": "thr",
-    "clip_sample": "clip", "set_alpha_to_one": "a1", "use_clipped_model_output": "ucmo", "eta": "eta",
-    "predict_x0": "px0", "lower_order_final": "lof", "euler_at_final": "eaf", "disable_corrector": "dc",
-    "lambda_min_clipped": "lclip", "variance_type": "", "timestep_type": "", "churn": "",
+    "steps": "n",
+    "solver_order": "o",
+    "steps_offset": "off",
+    "rescale_betas_zero_snr": "zsnr",
+    "thresholding": "thr",
+    "clip_sample": "clip",
+    "set_alpha_to_one": "a1",
+    "use_clipped_model_output": "ucmo",
+    "eta": "eta",
+    "predict_x0": "px0",
+    "lower_order_final": "lof",
+    "euler_at_final": "eaf",
+    "disable_corrector": "dc",
+    "lambda_min_clipped": "lclip",
+    "variance_type": "",
+    "timestep_type": "",
+    "churn": "",
 }
 # short spellings of common string values
 SHORT = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
@@ -91,8 +114,12 @@ def case_id(case: Case) -> str:
     return "-".join(parts)
 
 
-def run_sweep(cases: Iterable[Case], run_case: Callable[[Case], object], name: Callable[[Case], str] = case_id,
-              error: Callable[[object], float] | None = None) -> float:
+def run_sweep(
+    cases: Iterable[Case],
+    run_case: Callable[[Case], object],
+    name: Callable[[Case], str] = case_id,
+    error: Callable[[object], float] | None = None,
+) -> float:
     """Run ``run_case`` on every case; fail listing the failing cases (all of them are run); return the worst error.
 
     ``error`` maps ``run_case``'s result to its error; by default the result is the error, or a tuple whose first

@@ -33,8 +33,16 @@ __all__ = [
 
 #: diffusers class name -> our class
 SCHEDULER_CLASSES: dict[str, type[BaseScheduler]] = {
-    cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                                   EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
+    cls.__name__: cls
+    for cls in (
+        DDPMScheduler,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        HeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 }
 
 
@@ -63,8 +71,9 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def scheduler_from_name(name: str, config: str | os.PathLike | dict[str, Any] | None = None,
-                        **kwargs: Any) -> BaseScheduler:
+def scheduler_from_name(
+    name: str, config: str | os.PathLike | dict[str, Any] | None = None, **kwargs: Any
+) -> BaseScheduler:
     """Build scheduler ``name`` (e.g. ``"dpmsolver++"``) from another scheduler's config, the way diffusers'
     ``OtherScheduler.from_config(config)`` would: shared keys carry over, the others take this class's
     defaults. ``config`` may be a dict, a JSON file, a folder holding ``scheduler_config.json`` or None."""

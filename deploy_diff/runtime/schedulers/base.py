@@ -25,7 +25,14 @@ import numpy as np
 
 from .._fileio import atomic_write_text
 from ..rng import randn_tensor
-from ..schedules import alphas_cumprod_from_betas, get_betas, rescale_zero_terminal_snr
+from .beta_schedules import alphas_cumprod_from_betas, get_betas, rescale_zero_terminal_snr
+from .sigmas import (
+    ZERO_SNR_ALPHA_CUMPROD,
+    diffusers_float32_alphas_cumprod,
+    sigma_to_t,  # noqa: F401  (importable from here, as before)
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -35,16 +42,61 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # Config keys that belong to some diffusers scheduler (or pipeline bookkeeping): a config of another class
 # carries them, so they are ignored silently; anything else warns.
 _KNOWN_FOREIGN_KEYS = {
-    "skip_prk_steps", "interpolation_type", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
-    "flow_shift", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-    "max_image_seq_len", "invert_sigmas", "shift_terminal", "time_shift_type", "lambda_min_clipped",
-    "variance_type", "euler_at_final", "use_lu_lambdas", "sigma_min", "sigma_max", "sigma_data",
-    "predict_x0", "disable_corrector", "solver_p", "final_sigmas_type", "timestep_type",
-    "rescale_betas_zero_snr", "clip_sample", "clip_sample_range", "set_alpha_to_one", "thresholding",
-    "dynamic_thresholding_ratio", "sample_max_value", "solver_order", "algorithm_type", "solver_type",
-    "lower_order_final", "use_karras_sigmas", "steps_offset", "timestep_spacing", "trained_betas",
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "rho",
-    "s_noise", "s_churn", "s_tmin", "s_tmax", "sde_type", "time_shift", "stochastic_sampling",
+    "skip_prk_steps",
+    "interpolation_type",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_flow_sigmas",
+    "flow_shift",
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "invert_sigmas",
+    "shift_terminal",
+    "time_shift_type",
+    "lambda_min_clipped",
+    "variance_type",
+    "euler_at_final",
+    "use_lu_lambdas",
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+    "predict_x0",
+    "disable_corrector",
+    "solver_p",
+    "final_sigmas_type",
+    "timestep_type",
+    "rescale_betas_zero_snr",
+    "clip_sample",
+    "clip_sample_range",
+    "set_alpha_to_one",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "solver_order",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "use_karras_sigmas",
+    "steps_offset",
+    "timestep_spacing",
+    "trained_betas",
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "rho",
+    "s_noise",
+    "s_churn",
+    "s_tmin",
+    "s_tmax",
+    "sde_type",
+    "time_shift",
+    "stochastic_sampling",
 }
 
 
@@ -95,8 +147,10 @@ def register_to_config(init):
             raise TypeError(f"{type(self).__name__} takes keyword arguments only")
         unknown = set(kwargs) - set(signature.parameters)
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}; "
-                            f"expected some of {sorted(p for p in signature.parameters if p != 'self')}")
+            raise TypeError(
+                f"{type(self).__name__} got unexpected arguments {sorted(unknown)}; "
+                f"expected some of {sorted(p for p in signature.parameters if p != 'self')}"
+            )
         bound = signature.bind(self, **kwargs)
         bound.apply_defaults()
         values = {k: _jsonable(v) for k, v in bound.arguments.items() if k != "self"}
@@ -112,8 +166,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         p = p / CONFIG_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"no scheduler config at {p} (expected a folder holding {CONFIG_NAME} or a "
-                                "JSON file)")
+        raise FileNotFoundError(f"no scheduler config at {p} (expected a folder holding {CONFIG_NAME} or a JSON file)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -126,6 +179,35 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
+
+
+def dynamic_threshold(sample: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022) of a predicted x_0 float[B, ...].
+
+    Per image, s = clip(quantile(|x|, ``ratio``), 1, ``max_value``), and x is clipped to [-s, s] and divided by s.
+    The quantile is np.quantile's / torch.quantile's linear interpolation, taken from one ``np.partition`` (the
+    general ``np.quantile`` costs more than a whole step at small sizes) and interpolated in the array's dtype
+    as np.quantile does, so the result is bit-identical to it. float16 is computed in float32.
+    """
+    batch = sample.shape[0]
+    dtype = sample.dtype
+    flat = sample.reshape(batch, -1)
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float32)
+    if max_value == 1:  # s = clip(q, 1, 1) = 1 for every image: plain clipping
+        return np.clip(flat, -1, 1).reshape(sample.shape).astype(dtype, copy=False)
+    mag = np.abs(flat)
+    n = mag.shape[1]
+    pos = float(ratio) * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    part = np.partition(mag, (lo, hi) if hi != lo else lo, axis=1)
+    v_lo, v_hi = part[:, lo], part[:, hi]
+    diff = v_hi - v_lo  # np.quantile's two-sided lerp
+    q = v_hi - diff * flat.dtype.type(1 - frac) if frac >= 0.5 else v_lo + diff * flat.dtype.type(frac)
+    s = np.clip(q, 1, max_value).astype(flat.dtype, copy=False)[:, None]
+    return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
 
 
 MIN_ALPHAS_CUMPROD = 1e-30  # sigma_max 1e15; diffusers' own schedules end at 1e-5 .. 1e-18 (linear, T=4000)
@@ -141,6 +223,8 @@ class BaseScheduler:
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
     #: sigma-space schedulers take log(sigma): they refuse a schedule with sigma = 0 at t = 0 (beta_start = 0)
     _needs_positive_sigma_min: ClassVar[bool] = False
+    #: sigma-space schedulers clamp a zero-SNR schedule's last alphas_cumprod to 2**-24, as diffusers' do
+    _clamps_zero_snr: ClassVar[bool] = False
     _config: SchedulerConfig
 
     # -- config ------------------------------------------------------------------------------------
@@ -161,8 +245,9 @@ class BaseScheduler:
         elif hasattr(config, "config") and not isinstance(config, dict):
             config = config.config  # a scheduler instance (ours or diffusers')
         if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, a scheduler, or a path to {CONFIG_NAME}; "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a dict, a scheduler, or a path to {CONFIG_NAME}; got {type(config).__name__}"
+            )
         used_defaults = set(getattr(config, "use_default_values", None) or config.get("_use_default_values") or [])
         params = cls._init_parameters()
         init: dict[str, Any] = {}
@@ -175,8 +260,11 @@ class BaseScheduler:
             elif key not in _KNOWN_FOREIGN_KEYS:
                 unknown.append(key)
         if unknown:
-            warnings.warn(f"{cls.__name__}: config keys {sorted(unknown)} are not expected and will be ignored",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{cls.__name__}: config keys {sorted(unknown)} are not expected and will be ignored",
+                UserWarning,
+                stacklevel=3,
+            )
         return init
 
     @classmethod
@@ -219,48 +307,75 @@ class BaseScheduler:
         return f"{type(self).__name__}({json.dumps(dict(self.config), default=str)})"
 
     # -- schedule ----------------------------------------------------------------------------------
-    def _init_betas(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                    trained_betas, rescale_betas_zero_snr: bool = False) -> None:
+    def _init_betas(
+        self,
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        beta_schedule: str,
+        trained_betas,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
         """Set float64 ``betas``, ``alphas``, ``alphas_cumprod`` (and ``_raw_betas`` before rescaling)."""
         self._raw_betas = get_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
         self.betas = rescale_zero_terminal_snr(self._raw_betas) if rescale_betas_zero_snr else self._raw_betas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
         if self._needs_positive_sigma_min and self.alphas_cumprod[0] >= 1.0:
-            raise ValueError(f"{type(self).__name__} works in log-sigma space and needs sigma > 0 at every training "
-                             "timestep; beta_start=0 makes sigma at t = 0 exactly 0. Use beta_start > 0 (DDPM and "
-                             "DDIM accept 0)")
+            raise ValueError(
+                f"{type(self).__name__} works in log-sigma space and needs sigma > 0 at every training "
+                "timestep; beta_start=0 makes sigma at t = 0 exactly 0. Use beta_start > 0 (DDPM and "
+                "DDIM accept 0)"
+            )
         if self.alphas_cumprod[-1] >= 1.0:
-            raise ValueError("this schedule adds no noise at all (every beta is 0, alphas_cumprod stays 1): no model "
-                             "can be sampled from it; check beta_start / beta_end")
+            raise ValueError(
+                "this schedule adds no noise at all (every beta is 0, alphas_cumprod stays 1): no model "
+                "can be sampled from it; check beta_start / beta_end"
+            )
         if not rescale_betas_zero_snr and not self.alphas_cumprod[-1] >= MIN_ALPHAS_CUMPROD:
             sigma_max = math.sqrt((1 - self.alphas_cumprod[-1]) / max(self.alphas_cumprod[-1], 1e-300))
-            raise ValueError(f"this schedule's alphas_cumprod underflows to {self.alphas_cumprod[-1]:.3g} at the last "
-                             f"training timestep (sigma_max {sigma_max:.3g}): no sampler stays finite there. Use fewer "
-                             "timesteps, smaller betas, or rescale_betas_zero_snr=True for a zero terminal SNR")
+            raise ValueError(
+                f"this schedule's alphas_cumprod underflows to {self.alphas_cumprod[-1]:.3g} at the last "
+                f"training timestep (sigma_max {sigma_max:.3g}): no sampler stays finite there. Use fewer "
+                "timesteps, smaller betas, or rescale_betas_zero_snr=True for a zero terminal SNR"
+            )
+        if rescale_betas_zero_snr and self._clamps_zero_snr:
+            # as diffusers' sigma-space schedulers: abar_{T-1} = 0 would make the first sigma infinite
+            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
+        self._ac32: np.ndarray | None = None
         self.num_inference_steps: int | None = None
+
+    def _train_sigmas(self) -> np.ndarray:
+        """float64[T] sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1 (ascending in t)."""
+        return sigmas_from_alphas_cumprod(self.alphas_cumprod)
+
+    def _alphas_cumprod_f32(self) -> np.ndarray:
+        """float32[T] alphas_cumprod as diffusers holds it (cached; see :func:`diffusers_float32_alphas_cumprod`)."""
+        if self._ac32 is None:
+            c = self.config
+            linspace = None
+            if c["trained_betas"] is None and c["beta_schedule"] in ("linear", "scaled_linear"):
+                linspace = (c["beta_start"], c["beta_end"], c["beta_schedule"] == "scaled_linear")
+            self._ac32 = diffusers_float32_alphas_cumprod(
+                self._raw_betas, c.get("rescale_betas_zero_snr", False), linspace
+            )
+        return self._ac32
 
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
         T = self.config["num_train_timesteps"]
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
             raise ValueError(f"num_inference_steps must be an int in [1, {T}]; got {num_inference_steps!r}")
         if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps={T}]: "
-                             f"the model was trained on {T} timesteps")
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps={T}]: "
+                f"the model was trained on {T} timesteps"
+            )
         return int(num_inference_steps)
 
     def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
         """int64[n] descending timesteps for ``timestep_spacing`` (diffusers' DDPM/DDIM rule)."""
-        T = self.config["num_train_timesteps"]
-        n = num_inference_steps
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        if spacing == "leading":
-            ratio = T // n
-            return (np.arange(0, n) * ratio).round()[::-1].astype(np.int64) + int(self.config["steps_offset"])
-        ratio = T / n  # trailing
-        return np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
+        c = self.config
+        return spaced_timesteps(c["num_train_timesteps"], num_inference_steps, c["timestep_spacing"], c["steps_offset"])
 
     def _validate_common(self) -> None:
         c = self.config
@@ -293,35 +408,24 @@ class BaseScheduler:
         """The first index, when a pipeline set one with ``set_begin_index`` (e.g. img2img)."""
         return self.__dict__.get("_begin_index")
 
-    def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
-        """Schedule indices for ``add_noise`` at ``timesteps`` int/float[B], by diffusers' rule: each one looked
-        up in ``timesteps`` unless a begin index was set (then the current step index once stepping started,
-        e.g. inpainting, or the begin index before the first step, e.g. img2img)."""
-        t = np.asarray(timesteps).reshape(-1)
-        if self.begin_index is None:
-            return [self.index_for_timestep(v) for v in t]  # type: ignore[attr-defined]
-        start = self.step_index if self.step_index is not None else self.begin_index
-        return [start] * t.shape[0]
-
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next loop at ``timesteps[begin_index]`` instead of looking the first timestep up."""
         n = len(self.timesteps) if self.num_inference_steps is not None else None
-        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0 \
-                or (n is not None and begin_index >= n):
-            raise ValueError(f"begin_index must be an int in [0, {n if n is not None else 'len(timesteps)'}); "
-                             f"got {begin_index!r}")
+        if (
+            isinstance(begin_index, bool)
+            or not isinstance(begin_index, (int, np.integer))
+            or begin_index < 0
+            or (n is not None and begin_index >= n)
+        ):
+            raise ValueError(
+                f"begin_index must be an int in [0, {n if n is not None else 'len(timesteps)'}); got {begin_index!r}"
+            )
         self._begin_index = int(begin_index)
 
     # -- helpers for steps ---------------------------------------------------------------------------
     def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
-        """Dynamic thresholding (Imagen): clip each image to its ``dynamic_thresholding_ratio`` quantile
-        of |x| (at least 1, at most ``sample_max_value``) and divide by it."""
-        batch, channels, *rest = sample.shape
-        dtype = sample.dtype
-        flat = sample.reshape(batch, -1).astype(np.float64 if dtype == np.float64 else np.float32)
-        s = np.quantile(np.abs(flat), self.config["dynamic_thresholding_ratio"], axis=1)
-        s = np.clip(s, 1, self.config["sample_max_value"]).astype(flat.dtype)[:, None]
-        return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
+        """Dynamic thresholding of a predicted x_0 with this config (see :func:`dynamic_threshold`)."""
+        return dynamic_threshold(sample, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
 
     def _clip_or_threshold(self, x0: np.ndarray, inplace: bool = False) -> np.ndarray:
         """Apply ``thresholding`` or ``clip_sample`` to a predicted x_0 (in place when ``inplace``)."""
@@ -340,7 +444,8 @@ class BaseScheduler:
             raise ValueError(
                 f"timestep {t} has alphas_cumprod = 0 (zero terminal SNR), where prediction_type="
                 f"{self.config['prediction_type']!r} cannot recover x_0; use prediction_type='v_prediction', "
-                "clip_sample=True, or a timestep_spacing that skips the last timestep ('leading')")
+                "clip_sample=True, or a timestep_spacing that skips the last timestep ('leading')"
+            )
 
     @staticmethod
     def _noise(shape, generator, dtype) -> np.ndarray:
@@ -349,8 +454,10 @@ class BaseScheduler:
     @staticmethod
     def _check_step_inputs(model_output: np.ndarray, sample: np.ndarray) -> None:
         if not isinstance(sample, np.ndarray) or not isinstance(model_output, np.ndarray):
-            raise TypeError("step() takes NumPy arrays for model_output and sample; got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
+            raise TypeError(
+                "step() takes NumPy arrays for model_output and sample; got "
+                f"{type(model_output).__name__} and {type(sample).__name__}"
+            )
 
     # -- forward process (training uses these same arrays) -------------------------------------------
     def _per_sample(self, values: np.ndarray, timesteps, ndim: int, dtype) -> np.ndarray:
@@ -380,25 +487,3 @@ class BaseScheduler:
         a = self._per_sample(np.sqrt(self.alphas_cumprod), timesteps, x0.ndim, dtype)
         s = self._per_sample(np.sqrt(1.0 - self.alphas_cumprod), timesteps, x0.ndim, dtype)
         return a * np.asarray(noise, dtype=dtype) - s * x0
-
-
-# -- sigma-space helpers (Euler, Heun, DPM-Solver, UniPC) ---------------------------------------------
-def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """float64[T] sigma_t = sqrt((1 - abar_t) / abar_t) (the variance-exploding view of the schedule)."""
-    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
-
-
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timestep(s) of ``sigma`` by linear interpolation in log-sigma (diffusers' ``_sigma_to_t``).
-
-    Pass float32 ``log_sigmas`` to decide brackets as diffusers does: where the zero-terminal-SNR clamp
-    (abar_{T-1} = 2**-24) makes log sigma non-monotonic at the top (``linear``), which bracket a sigma falls
-    in is decided by that float32 rounding."""
-    sigma = np.asarray(sigma, dtype=np.float64)
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)

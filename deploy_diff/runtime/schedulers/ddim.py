@@ -22,14 +22,27 @@ class DDIMScheduler(BaseScheduler):
     """
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
-                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
-                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
-                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self._validate_common()
         # abar used after the last step: 1 (a clean image) or abar_0
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -49,8 +62,9 @@ class DDIMScheduler(BaseScheduler):
         ts = self._spaced_timesteps(n)
         T = self.config["num_train_timesteps"]
         if ts.max() >= T:
-            raise ValueError(f"steps_offset={self.config['steps_offset']} pushes timestep {ts.max()} past "
-                             f"num_train_timesteps={T}")
+            raise ValueError(
+                f"steps_offset={self.config['steps_offset']} pushes timestep {ts.max()} past num_train_timesteps={T}"
+            )
         self.num_inference_steps = n
         self.timesteps = ts
         self._prev_of = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
@@ -75,9 +89,17 @@ class DDIMScheduler(BaseScheduler):
         a_t, a_prev = self._alpha_prods(int(timestep))
         return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) if a_t < 1 else 0.0
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator=None, variance_noise: np.ndarray | None = None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep,
+        sample: np.ndarray,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise: np.ndarray | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
         """One DDIM step x_t -> x_{t_prev} (eq. 12 of the paper).
 
         Args:

@@ -23,17 +23,35 @@ class DDPMScheduler(BaseScheduler):
     """
 
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = (
-        "linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+        "linear",
+        "scaled_linear",
+        "squaredcos_cap_v2",
+        "sigmoid",
+        "laplace",
+    )
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, variance_type: str = "fixed_small",
-                 clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
-                 sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False):
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self._validate_common()
         # None (what DPM-Solver writes into a shared config) behaves as fixed_small, as in diffusers
         check_choice("variance_type", variance_type, VARIANCE_TYPES + (None,))
@@ -65,8 +83,10 @@ class DDPMScheduler(BaseScheduler):
             self.num_inference_steps = n
             ts = self._spaced_timesteps(n)
             if ts.max() >= T:
-                raise ValueError(f"steps_offset={self.config['steps_offset']} pushes timestep {ts.max()} past "
-                                 f"num_train_timesteps={T}")
+                raise ValueError(
+                    f"steps_offset={self.config['steps_offset']} pushes timestep {ts.max()} past "
+                    f"num_train_timesteps={T}"
+                )
         self.timesteps = ts
         self._prev_of = {int(t): int(p) for t, p in zip(ts, list(ts[1:]) + [-1])}
 
@@ -107,8 +127,9 @@ class DDPMScheduler(BaseScheduler):
         frac = (predicted_variance + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
         """One reverse step x_t -> x_{t-1}.
 
         Args:

@@ -7,8 +7,17 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..schedules import karras_sigmas
-from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config, sigma_to_t
+from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config
+from .sigmas import (
+    SIGMA_RAMPS,
+    check_one_sigma_ramp,
+    diffusers_float32_alphas_cumprod,  # noqa: F401  (importable from here, as before)
+    lu_sigmas,
+    multistep_spaced_timesteps,
+    sigma_ramp,
+    sigma_to_t,
+)
+from .step_index import StepIndexMixin
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -37,31 +46,7 @@ def _f2(x: float) -> float:
     return (math.expm1(x) - x) / (x * x) - 0.5
 
 
-def diffusers_float32_alphas_cumprod(raw_betas: np.ndarray, rescale_betas_zero_snr: bool) -> np.ndarray:
-    """float32[T] alphas_cumprod as diffusers' DPM-Solver holds it (for *discrete* choices only).
-
-    diffusers casts the betas to float32, rescales them (zero terminal SNR) with float32 ops, and takes
-    ``torch.cumprod`` of the float32 alphas, which accumulates in double and rounds each entry to float32;
-    with zero terminal SNR the last entry is then clamped to 2**-24. This replica is used where diffusers'
-    float32 rounding decides an integer: the timesteps of Karras / Lu / exponential / beta sigmas and the
-    ``lambda_min_clipped`` cut. (The betas of ``linear``/``scaled_linear`` come from ``torch.linspace`` in
-    float32 and may differ from ours by an ulp; that has not changed a timestep in our sweeps.)
-    """
-    f32 = np.float32
-    betas = np.asarray(raw_betas, dtype=np.float64).astype(f32)
-    if rescale_betas_zero_snr:  # diffusers' rescale_zero_terminal_snr, op for op in float32
-        s = np.sqrt(np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32))
-        s0, sT = s[0], s[-1]
-        s = (s - sT) * (s0 / (s0 - sT))
-        ab = s * s
-        betas = f32(1) - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    ac = np.cumprod((f32(1) - betas).astype(np.float64)).astype(f32)
-    if rescale_betas_zero_snr:
-        ac[-1] = f32(2.0**-24)
-    return ac
-
-
-class DPMSolverMultistepScheduler(BaseScheduler):
+class DPMSolverMultistepScheduler(StepIndexMixin, BaseScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` in NumPy (same constructor arguments and defaults).
 
     ``algorithm_type`` ``"dpmsolver++"`` (default) / ``"sde-dpmsolver++"`` solve with the data prediction
@@ -121,28 +106,52 @@ class DPMSolverMultistepScheduler(BaseScheduler):
     """
 
     _needs_positive_sigma_min = True
+    _clamps_zero_snr = True
 
     order: ClassVar[int] = 1
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint", lower_order_final: bool = True,
-                 euler_at_final: bool = False, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
-                 use_beta_sigmas: bool = False, use_lu_lambdas: bool = False, use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, final_sigmas_type: str = "zero", lambda_min_clipped: float = -float("inf"),
-                 variance_type: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential"):
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ):
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         if prediction_type == "flow_prediction" or use_flow_sigmas:
-            raise ValueError("flow matching (use_flow_sigmas=True / prediction_type='flow_prediction') is not "
-                             "supported by deploy-diff's DPMSolverMultistepScheduler; the runtime serves "
-                             "epsilon / v_prediction / sample UNets")
+            raise ValueError(
+                "flow matching (use_flow_sigmas=True / prediction_type='flow_prediction') is not "
+                "supported by deploy-diff's DPMSolverMultistepScheduler; the runtime serves "
+                "epsilon / v_prediction / sample UNets"
+            )
         self._validate_common()
         # the same aliases diffusers maps (configs of DEIS / UniPC), recorded as the canonical value
         for name, value in (("algorithm_type", algorithm_type), ("solver_type", solver_type)):
@@ -159,37 +168,34 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order={solver_order!r} is not supported; expected one of [1, 2, 3]")
         if algorithm_type in ("dpmsolver", "sde-dpmsolver") and final_sigmas_type == "zero":
-            raise ValueError(f"final_sigmas_type='zero' is not supported for algorithm_type={algorithm_type!r} "
-                             "(its noise-prediction update divides by the final sigma); use "
-                             "final_sigmas_type='sigma_min'")
+            raise ValueError(
+                f"final_sigmas_type='zero' is not supported for algorithm_type={algorithm_type!r} "
+                "(its noise-prediction update divides by the final sigma); use "
+                "final_sigmas_type='sigma_min'"
+            )
         if algorithm_type == "sde-dpmsolver" and solver_order == 3:
-            raise ValueError("solver_order=3 is not available for algorithm_type='sde-dpmsolver' (there is no "
-                             "third-order SDE-DPM-Solver update; diffusers fails at the third step); use "
-                             "solver_order 1 or 2, or algorithm_type='sde-dpmsolver++'")
-        flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if self.config[k]]
-        if len(flags) > 1:
-            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be "
-                             f"set; got {flags}")
-        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, (int, float)) \
-                or math.isnan(lambda_min_clipped):
+            raise ValueError(
+                "solver_order=3 is not available for algorithm_type='sde-dpmsolver' (there is no "
+                "third-order SDE-DPM-Solver update; diffusers fails at the third step); use "
+                "solver_order 1 or 2, or algorithm_type='sde-dpmsolver++'"
+            )
+        check_one_sigma_ramp(self.config)
+        if (
+            isinstance(lambda_min_clipped, bool)
+            or not isinstance(lambda_min_clipped, (int, float))
+            or math.isnan(lambda_min_clipped)
+        ):
             raise ValueError(f"lambda_min_clipped must be a number (-inf for no clipping); got {lambda_min_clipped!r}")
 
-        if rescale_betas_zero_snr:
-            # as diffusers: close to 0 without being 0, so that the first sigma is finite (4096)
-            self.alphas_cumprod = self.alphas_cumprod.copy()
-            self.alphas_cumprod[-1] = 2.0**-24
         ac = self.alphas_cumprod
         self.alpha_t = np.sqrt(ac)
         self.sigma_t = np.sqrt(1.0 - ac)
         self.lambda_t = np.log(self.alpha_t) - np.log(self.sigma_t)
-        self._train_sigmas = np.sqrt((1.0 - ac) / ac)  # float64[T], ascending in t
-        self._ac32: np.ndarray | None = None
-        self._beta_cache: tuple[int, np.ndarray] | None = None
 
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        self.sigmas = self._train_sigmas.copy()
+        self.sigmas = self._train_sigmas()
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -199,66 +205,20 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
-
-    def index_for_timestep(self, timestep, schedule_timesteps: np.ndarray | None = None) -> int:
-        """Position of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``); where it occurs
-        more than once the second occurrence is taken (diffusers' rule for starting mid-schedule)."""
-        schedule = self.timesteps if schedule_timesteps is None else np.asarray(schedule_timesteps)
-        t = np.asarray(timestep)
-        if t.size != 1:
-            raise ValueError(f"timestep must be a single value; got shape {t.shape}")
-        found = np.flatnonzero(schedule == t.reshape(()))
-        if found.size == 0:
-            shown = schedule.tolist() if schedule.size <= 20 else f"({schedule.size} values)"
-            raise ValueError(f"timestep {t.reshape(()).item()!r} is not one of this scheduler's timesteps {shown}")
-        return int(found[1] if found.size > 1 else found[0])
-
-    def _init_step_index(self, timestep) -> None:
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-        elif self.timesteps.size > 1 and self.timesteps[1] == self.timesteps[0] and np.asarray(timestep).size == 1 \
-                and np.asarray(timestep).reshape(()) == self.timesteps[0]:
-            # a repeated *first* timestep (non-rounded Karras / exponential / beta timesteps of a schedule
-            # with sigma_max >> 1 pile up at the top): start at the beginning; diffusers' second-occurrence
-            # rule would skip the first sigma and fail with IndexError at the last step
-            self._step_index = 0
-        else:
-            self._step_index = self.index_for_timestep(timestep)
-
     def scale_model_input(self, sample: np.ndarray, *args, **kwargs) -> np.ndarray:
         """DPM-Solver needs no input scaling; returns ``sample`` unchanged."""
         return sample
 
     # -- schedule --------------------------------------------------------------------------------------------
-    def _float32_replica(self) -> np.ndarray:
-        if self._ac32 is None:
-            self._ac32 = diffusers_float32_alphas_cumprod(self._raw_betas, self.config["rescale_betas_zero_snr"])
-        return self._ac32
-
-    def _sigma_list(self, sigmas_asc: np.ndarray, n: int) -> np.ndarray | None:
+    def _sigma_ramp(self, sigmas_asc: np.ndarray, n: int) -> np.ndarray | None:
         """float64[n] descending Karras / Lu / exponential / beta sigmas spanning ``sigmas_asc`` (the
         training sigmas, ascending in t), or None when none is configured (diffusers' precedence)."""
         c = self.config
-        sigma_min, sigma_max = float(sigmas_asc[0]), float(sigmas_asc[-1])
-        if c["use_karras_sigmas"]:  # Karras et al. (2022) eq. (5), rho = 7
-            return karras_sigmas(sigma_min, sigma_max, n, 7.0)
-        if c["use_lu_lambdas"]:  # uniform in log sigma = -lambda (Lu et al. 2022)
+        if c["use_lu_lambdas"] and not c["use_karras_sigmas"]:
             log_sigmas = np.log(sigmas_asc)
-            lam_min, lam_max = float(log_sigmas[0]), float(log_sigmas[-1])
-            return np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
-        if c["use_exponential_sigmas"]:
-            return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-        if c["use_beta_sigmas"]:  # "Beta Sampling is All You Need" (arXiv 2407.12173), alpha = beta = 0.6
-            return sigma_min + self._beta_ppf(n) * (sigma_max - sigma_min)
-        return None
-
-    def _beta_ppf(self, n: int) -> np.ndarray:
-        """Beta(0.6, 0.6) quantiles at 1 - linspace(0, 1, n) (scipy's ``beta.ppf`` in NumPy), cached per n."""
-        if self._beta_cache is None or self._beta_cache[0] != n:
-            from ._sigma_common import beta_ppf  # the NumPy inverse incomplete beta shared with Euler/Heun
-
-            self._beta_cache = (n, beta_ppf(1 - np.linspace(0, 1, n), 0.6, 0.6))
-        return self._beta_cache[1]
+            return lu_sigmas(float(log_sigmas[0]), float(log_sigmas[-1]), n)
+        kind = next((SIGMA_RAMPS[k] for k in SIGMA_RAMPS if c[k]), None)
+        return None if kind is None else sigma_ramp(kind, float(sigmas_asc[0]), float(sigmas_asc[-1]), n)
 
     def set_timesteps(self, num_inference_steps: int | None = None, timesteps=None) -> None:
         """Choose the inference timesteps and their sigmas, and reset the multistep state.
@@ -270,10 +230,12 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         """
         c = self.config
         T = c["num_train_timesteps"]
+        train = self._train_sigmas()  # float64[T], ascending in t
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        custom_sigmas = [k for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
-                                     "use_beta_sigmas") if c[k]]
+        custom_sigmas = [
+            k for k in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas") if c[k]
+        ]
         if timesteps is not None:
             if custom_sigmas:
                 raise ValueError(f"custom timesteps cannot be combined with {custom_sigmas[0]}=True")
@@ -283,43 +245,49 @@ class DPMSolverMultistepScheduler(BaseScheduler):
             ts = ts.astype(np.int64)
             if np.any(np.diff(ts) >= 0) or ts[0] >= T or ts[-1] < 0:
                 raise ValueError(f"timesteps must be strictly descending integers in [0, {T}); got {ts.tolist()}")
-            sigmas = self._train_sigmas[ts]
+            sigmas = train[ts]
         else:
             n = self._check_num_inference_steps(num_inference_steps)
             if custom_sigmas:  # the spacing (and lambda_min_clipped) play no part here, as in diffusers
                 # the timesteps through diffusers' float32 arrays (equal to its own), the values in float64
-                ac32 = self._float32_replica()
+                ac32 = self._alphas_cumprod_f32()
                 sig32 = ((np.float32(1) - ac32) / ac32) ** np.float32(0.5)
                 log32 = np.log(sig32)
-                t_frac = sigma_to_t(self._sigma_list(sig32, n), log32)
+                t_frac = sigma_to_t(self._sigma_ramp(sig32, n), log32)
                 rounded = c["use_karras_sigmas"] or c["use_lu_lambdas"]
                 if rounded and c["beta_schedule"] != "squaredcos_cap_v2":
                     t_frac = t_frac.round()
                 ts = t_frac.astype(np.int64)  # truncation, as torch's .to(int64)
-                sigmas = self._sigma_list(self._train_sigmas, n)
+                sigmas = self._sigma_ramp(train, n)
                 # the ends are sigma_max / sigma_min exactly (float64 pow/log round-trips are an ulp off;
                 # diffusers' float32 cast lands on them, so a final sigma_min repeats the last one exactly)
-                sigmas[0] = self._train_sigmas[-1]
+                sigmas[0] = train[-1]
                 if n > 1:
-                    sigmas[-1] = self._train_sigmas[0]
+                    sigmas[-1] = train[0]
             else:
-                ts = self._spaced_timesteps_dpm(n)
+                ts = self._lambda_clipped_timesteps(n)
                 # np.interp as diffusers: trailing's occasional extra timestep -1 gets sigma at t = 0
-                sigmas = np.interp(ts, np.arange(T), self._train_sigmas)
+                sigmas = np.interp(ts, np.arange(T), train)
         if c["final_sigmas_type"] == "sigma_min":
-            sigma_last = float(self._train_sigmas[0])
+            sigma_last = float(train[0])
             if sigma_last == 0:
-                raise ValueError("final_sigmas_type='sigma_min' but sigma at t = 0 is 0 (alphas_cumprod[0] == 1); "
-                                 "use final_sigmas_type='zero' with a dpmsolver++ algorithm_type")
+                raise ValueError(
+                    "final_sigmas_type='sigma_min' but sigma at t = 0 is 0 (alphas_cumprod[0] == 1); "
+                    "use final_sigmas_type='zero' with a dpmsolver++ algorithm_type"
+                )
         else:
             sigma_last = 0.0
         if np.any(sigmas <= 0) or not np.all(np.isfinite(sigmas)):
-            raise ValueError("the schedule has a zero or non-finite noise level at timesteps "
-                             f"{ts[(sigmas <= 0) | ~np.isfinite(sigmas)].tolist()}; DPM-Solver cannot step from it")
+            raise ValueError(
+                "the schedule has a zero or non-finite noise level at timesteps "
+                f"{ts[(sigmas <= 0) | ~np.isfinite(sigmas)].tolist()}; DPM-Solver cannot step from it"
+            )
         if timesteps is None and not custom_sigmas and len(np.unique(ts)) < len(ts):
-            raise ValueError(f"num_inference_steps={len(ts)} with timestep_spacing={c['timestep_spacing']!r} gives "
-                             f"repeated timesteps (only {len(np.unique(ts))} distinct of {len(ts)}, e.g. "
-                             f"{ts[-5:].tolist()}); diffusers returns NaN or fails here: use fewer steps")
+            raise ValueError(
+                f"num_inference_steps={len(ts)} with timestep_spacing={c['timestep_spacing']!r} gives "
+                f"repeated timesteps (only {len(np.unique(ts))} distinct of {len(ts)}, e.g. "
+                f"{ts[-5:].tolist()}); diffusers returns NaN or fails here: use fewer steps"
+            )
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float64)
         self.timesteps = ts
         self.num_inference_steps = len(ts)
@@ -332,7 +300,7 @@ class DPMSolverMultistepScheduler(BaseScheduler):
             self._lambda = (-np.log(s)).tolist()  # +inf for a final sigma of 0
         self._reset_state()
 
-    def _spaced_timesteps_dpm(self, n: int) -> np.ndarray:
+    def _lambda_clipped_timesteps(self, n: int) -> np.ndarray:
         """int64 descending timesteps: diffusers' DPM-Solver rule (n + 1 points, the 0 dropped), after the
         ``lambda_min_clipped`` cut."""
         c = self.config
@@ -341,49 +309,22 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         if lam_min == -math.inf:
             last = T
         else:  # diffusers searches its float32 lambda_t; the replica decides the same index
-            ac32 = self._float32_replica()
+            ac32 = self._alphas_cumprod_f32()
             lam32 = np.log(np.sqrt(ac32)) - np.log(np.sqrt(np.float32(1) - ac32))
             last = T - int(np.searchsorted(lam32[::-1].astype(np.float64), lam_min))
         spacing = c["timestep_spacing"]
-        if spacing == "linspace":
-            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = last // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + int(c["steps_offset"])
-        else:  # trailing
-            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+        ts = multistep_spaced_timesteps(T, n, spacing, c["steps_offset"], last)
         # trailing: np.arange can give n + 1 entries, the last -1 (e.g. n = 61 of T = 1000); kept as diffusers
         lowest = -1 if spacing == "trailing" else 0
         if ts.size == 0 or ts.min() < lowest or ts.max() >= T:
-            raise ValueError(f"num_inference_steps={n} with timestep_spacing={spacing!r}, steps_offset="
-                             f"{c['steps_offset']} and lambda_min_clipped={lam_min} gives timesteps {ts.tolist()} "
-                             f"outside [0, num_train_timesteps={T})")
+            raise ValueError(
+                f"num_inference_steps={n} with timestep_spacing={spacing!r}, steps_offset="
+                f"{c['steps_offset']} and lambda_min_clipped={lam_min} gives timesteps {ts.tolist()} "
+                f"outside [0, num_train_timesteps={T})"
+            )
         return ts
 
     # -- step ------------------------------------------------------------------------------------------------
-    def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
-        """Dynamic thresholding (Imagen), as ``BaseScheduler._threshold_sample`` but with the per-image
-        quantile of |x_0| taken by ``np.partition`` (linear interpolation, as ``torch.quantile``):
-        ``np.quantile``'s overhead alone is ~130 us, several times a whole step at small sizes. A candidate
-        for base.py."""
-        batch = sample.shape[0]
-        dtype = sample.dtype
-        flat = sample.reshape(batch, -1)
-        if flat.dtype not in (np.float32, np.float64):
-            flat = flat.astype(np.float32)
-        mag = np.abs(flat)
-        n = mag.shape[1]
-        pos = float(self.config["dynamic_thresholding_ratio"]) * (n - 1)
-        lo = int(math.floor(pos))
-        hi = min(lo + 1, n - 1)
-        frac = pos - lo
-        part = np.partition(mag, (lo, hi) if hi != lo else lo, axis=1)
-        v_lo, v_hi = part[:, lo], part[:, hi]
-        # torch.lerp / numpy's two-sided linear interpolation
-        q = v_lo + (v_hi - v_lo) * frac if frac < 0.5 else v_hi - (v_hi - v_lo) * (1.0 - frac)
-        s = np.clip(q, 1, self.config["sample_max_value"]).astype(flat.dtype, copy=False)[:, None]
-        return (np.clip(flat, -s, s) / s).reshape(sample.shape).astype(dtype, copy=False)
-
     def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
         """The quantity the solver integrates: x_0 (DPM-Solver++) or epsilon (DPM-Solver); a new array."""
         c = self.config
@@ -481,8 +422,15 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         c2 = B1 * w * v + B2 * z * v
         return c_x, [c0, c1, c2], c_noise
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, generator=None,
-             variance_noise: np.ndarray | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep,
+        sample: np.ndarray,
+        generator=None,
+        variance_noise: np.ndarray | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
         """One multistep DPM-Solver step from ``timesteps[step_index]`` to the next noise level.
 
         Args:
@@ -502,22 +450,25 @@ class DPMSolverMultistepScheduler(BaseScheduler):
         self._check_step_inputs(model_output, sample)
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         n = len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"step() was called past the last of the {n} timesteps; call set_timesteps() again "
-                             "to start a new loop")
         c = self.config
         C = sample.shape[1]
-        if c["variance_type"] in LEARNED_VARIANCE and model_output.ndim == sample.ndim and \
-                model_output.shape[1] == 2 * C:
+        if (
+            c["variance_type"] in LEARNED_VARIANCE
+            and model_output.ndim == sample.ndim
+            and model_output.shape[1] == 2 * C
+        ):
             model_output = model_output[:, :C]
         if model_output.shape != sample.shape:
-            raise ValueError(f"model_output has shape {model_output.shape}, sample {sample.shape}"
-                             + ("" if c["variance_type"] in LEARNED_VARIANCE else
-                                " (a 2C-channel output needs variance_type='learned_range' or 'learned')"))
+            raise ValueError(
+                f"model_output has shape {model_output.shape}, sample {sample.shape}"
+                + (
+                    ""
+                    if c["variance_type"] in LEARNED_VARIANCE
+                    else " (a 2C-channel output needs variance_type='learned_range' or 'learned')"
+                )
+            )
         out_dtype = np.result_type(model_output.dtype, sample.dtype)
         work = np.float64 if out_dtype == np.float64 else np.float32
         x = sample.astype(work, copy=False)

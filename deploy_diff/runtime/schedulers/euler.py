@@ -13,7 +13,8 @@ from ._sigma_common import (
     compute_dtype_view,
     reject_integer_timestep,
 )
-from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config, sigma_to_t
+from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config
+from .sigmas import SIGMA_RAMPS, denoised_and_slope, sigma_to_t
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -60,30 +61,44 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 interpolation_type: str = "linear", use_karras_sigmas: bool | None = False,
-                 use_exponential_sigmas: bool | None = False, use_beta_sigmas: bool | None = False,
-                 sigma_min: float | None = None, sigma_max: float | None = None,
-                 timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        interpolation_type: str = "linear",
+        use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        timestep_type: str = "discrete",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+    ):
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self._validate_common()
         check_sigma_options(self.config)
         check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
         for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-                                      or not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.number))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ValueError(f"{name} must be a finite number > 0 or None; got {value!r}")
         if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        if rescale_betas_zero_snr:
-            # as diffusers: abar_{T-1} = 0 would make the first sigma infinite; 2**-24 (fp16's smallest
-            # subnormal) gives sigma_max ~ 4096
-            self.alphas_cumprod[-1] = 2.0**-24
         self.use_karras_sigmas = use_karras_sigmas
         self.use_exponential_sigmas = use_exponential_sigmas
         self.use_beta_sigmas = use_beta_sigmas
@@ -109,20 +124,22 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         T = c["num_train_timesteps"]
         if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
-        conversion = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c[k]),
-                          None)
+        conversion = next((k for k in SIGMA_RAMPS if c[k]), None)
         if timesteps is not None and conversion is not None:
             raise ValueError(f"custom timesteps cannot be used with {conversion}=True")
         if timesteps is not None and self._continuous_v():
-            raise ValueError("custom timesteps cannot be used with timestep_type='continuous' and "
-                             "prediction_type='v_prediction'")
+            raise ValueError(
+                "custom timesteps cannot be used with timestep_type='continuous' and prediction_type='v_prediction'"
+            )
         train = self._train_sigmas()
         if sigmas is not None:
             # diffusers keeps custom sigmas in float32
             sig = np.asarray(sigmas, dtype=np.float64).reshape(-1).astype(np.float32).astype(np.float64)
             if sig.size < 2 or not np.all(np.isfinite(sig)) or np.any(sig[:-1] <= 0) or sig[-1] < 0:
-                raise ValueError("custom sigmas must hold at least 2 finite values, all > 0 except the last "
-                                 f"(>= 0); got {np.asarray(sigmas).tolist()}")
+                raise ValueError(
+                    "custom sigmas must hold at least 2 finite values, all > 0 except the last "
+                    f"(>= 0); got {np.asarray(sigmas).tolist()}"
+                )
             n = sig.size - 1
             ts = sigma_to_t(sig[:-1], self._log_sigmas32())
         else:
@@ -147,9 +164,18 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         self.sigmas = sig
         self._reset_state()
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, s_churn: float = 0.0,
-             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator=None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
         """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Algorithm 2).
 
         Args:
@@ -172,34 +198,20 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             raise ValueError(f"s_noise must be a finite number; got {s_noise!r}")
         self._warn_if_not_scaled()
         i = self._current_index(timestep)
-        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
+        sigma, sigma_next = self._sigma_values[i], self._sigma_values[i + 1]
         x, mo = compute_dtype_view(sample, model_output)  # diffusers upcasts fp16 to float32
 
         gamma = 0.0
-        if s_churn > 0 and s_tmin <= self._sigma32_list[i] <= s_tmax:
-            gamma = min(s_churn / (len(self._sigma_list) - 1), 2**0.5 - 1)
+        if s_churn > 0 and s_tmin <= self._sigma32_values[i] <= s_tmax:
+            gamma = min(s_churn / (len(self._sigma_values) - 1), 2**0.5 - 1)
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             noise = self._noise(model_output.shape, generator, model_output.dtype)
             x = x + noise * (s_noise * math.sqrt(sigma_hat**2 - sigma**2))
 
-        dt = sigma_next - sigma_hat
-        pt = self.config["prediction_type"]
-        if pt == "epsilon":
-            x0 = x - sigma_hat * mo
-            prev = x + dt * mo  # derivative (x - x0) / sigma_hat is the model output itself
-        elif pt == "v_prediction":
-            # x0 = c_out * v + c_skip * x (diffusers uses sigma here, not sigma_hat); the step uses the slope
-            # (x - x0) / sigma_hat = (x * sigma^2 / (sigma^2 + 1) + v * sigma / sqrt(sigma^2 + 1)) / sigma_hat,
-            # formed without the cancellation of x - x0
-            x0 = mo * (-sigma / math.sqrt(sigma**2 + 1)) + x * (1.0 / (sigma**2 + 1))
-            a = sigma**2 / (sigma**2 + 1) / sigma_hat
-            b = sigma / math.sqrt(sigma**2 + 1) / sigma_hat
-            prev = x * (1.0 + dt * a) + mo * (dt * b)
-        else:
-            x0 = mo
-            # a zero sigma (trained_betas starting at 0) would divide by zero: x is x_0 already there
-            prev = x + (x - x0) * (dt / sigma_hat if sigma_hat > 0 else 0.0)
+        # x0 for v_prediction uses sigma, not sigma_hat, as diffusers does
+        x0, d = denoised_and_slope(x, mo, self.config["prediction_type"], sigma, sigma_hat)
+        prev = x + (sigma_next - sigma_hat) * d
         prev = prev.astype(model_output.dtype, copy=False)
         self._step_index = i + 1
         if not return_dict:

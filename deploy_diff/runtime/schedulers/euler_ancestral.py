@@ -8,14 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ._sigma_common import (
-    SigmaSchedulerMixin,
-    check_sigma_options,
-    compute_dtype_view,
-    float_spaced_timesteps,
-    reject_integer_timestep,
-)
+from ._sigma_common import SigmaSchedulerMixin, check_sigma_options, compute_dtype_view, reject_integer_timestep
 from .base import BaseScheduler, SchedulerOutput, register_to_config
+from .sigmas import denoised_and_slope, float_spaced_timesteps
 
 
 class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
@@ -44,16 +39,23 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         self._validate_common()
         check_sigma_options(self.config)
-        if rescale_betas_zero_snr:
-            # as diffusers: abar_{T-1} = 0 would make the first sigma infinite; 2**-24 gives sigma_max ~ 4096
-            self.alphas_cumprod[-1] = 2.0**-24
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]])
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].astype(np.float32)
         self._reset_state()
@@ -71,8 +73,9 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         self.sigmas = np.concatenate([sig, [0.0]])
         self._reset_state()
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator=None,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator=None, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
         """One ancestral step from sigma_i to sigma_{i+1}.
 
         Args:
@@ -87,7 +90,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         reject_integer_timestep(type(self).__name__, timestep)
         self._warn_if_not_scaled()
         i = self._current_index(timestep)
-        sigma, sigma_to = self._sigma_list[i], self._sigma_list[i + 1]
+        sigma, sigma_to = self._sigma_values[i], self._sigma_values[i + 1]
         x, mo = compute_dtype_view(sample, model_output)  # diffusers upcasts fp16 to float32
 
         # the ancestral split: sigma_up^2 = sigma_to^2 (sigma^2 - sigma_to^2) / sigma^2, sigma_down^2 =
@@ -97,18 +100,8 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         sigma_down = sigma_to * ratio
         dt = sigma_down - sigma
 
-        pt = self.config["prediction_type"]
-        if pt == "epsilon":
-            x0 = x - sigma * mo
-            prev = x + dt * mo  # derivative (x - x0) / sigma is the model output itself
-        elif pt == "v_prediction":
-            # x0 = c_out * v + c_skip * x; the slope (x - x0) / sigma = x * sigma / (sigma^2 + 1) +
-            # v / sqrt(sigma^2 + 1) is formed without the cancellation of x - x0
-            x0 = mo * (-sigma / math.sqrt(sigma**2 + 1)) + x * (1.0 / (sigma**2 + 1))
-            prev = x * (1.0 + dt * sigma / (sigma**2 + 1)) + mo * (dt / math.sqrt(sigma**2 + 1))
-        else:
-            x0 = mo
-            prev = x + (x - x0) * (dt / sigma if sigma > 0 else 0.0)
+        x0, d = denoised_and_slope(x, mo, self.config["prediction_type"], sigma)
+        prev = x + dt * d
         noise = self._noise(model_output.shape, generator, model_output.dtype)
         prev = (prev + noise * sigma_up).astype(model_output.dtype, copy=False)
         self._step_index = i + 1

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from ._sigma_common import SigmaSchedulerMixin, check_sigma_options
-from .base import BaseScheduler, SchedulerOutput, register_to_config, sigma_to_t
+from .base import BaseScheduler, SchedulerOutput, register_to_config
+from .sigmas import SIGMA_RAMPS, denoised_and_slope, sigma_to_t
 
 
 class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
@@ -41,11 +42,22 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     order = 2
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
-                 use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ):
         self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self._validate_common()
         check_sigma_options(self.config)
@@ -66,8 +78,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         T = c["num_train_timesteps"]
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
-        conversion = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c[k]),
-                          None)
+        conversion = next((k for k in SIGMA_RAMPS if c[k]), None)
         if timesteps is not None and conversion is not None:
             raise ValueError(f"custom timesteps cannot be used with {conversion}=True")
         ts, n = self._float_timesteps(num_inference_steps, timesteps)
@@ -88,8 +99,9 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         self.sample: np.ndarray | None = None
         self._reset_state()
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
         """One call of the two-stage Heun method (first or second order, see the class docstring).
 
         Args:
@@ -105,36 +117,24 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
         first = self.dt is None
         i = self._current_index(timestep)
         if first:
-            sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
+            sigma, sigma_next = self._sigma_values[i], self._sigma_values[i + 1]
             sigma_in = sigma  # gamma = 0: sigma_hat == sigma
         else:
-            sigma, sigma_next = self._sigma_list[i - 1], self._sigma_list[i]
+            sigma, sigma_next = self._sigma_values[i - 1], self._sigma_values[i]
             sigma_in = sigma_next  # the model was evaluated at the end point of the Euler step
 
         c = self.config
-        pt = c["prediction_type"]
-        s = sigma_in
-        # x0 (Karras' D(x; sigma)) and the ODE slope (x - x0) / sigma; without clipping the slope is formed in
-        # closed form, avoiding the cancellation in x - x0 (its float32 rounding is multiplied by dt / sigma)
-        inv_s = 1.0 / s if s > 0 else 0.0  # s = 0 only with trained_betas starting at 0: x is x_0 there
-        clip = c["clip_sample"]
-        if pt == "epsilon":
-            x0 = sample - s * model_output
-            if not clip:
-                derivative = model_output.copy() if first else model_output  # kept across calls
-        elif pt == "v_prediction":
-            x0 = model_output * (-s / (s**2 + 1) ** 0.5) + sample * (1.0 / (s**2 + 1))
-            if not clip:
-                derivative = sample * (s / (s**2 + 1)) + model_output * (1.0 / (s**2 + 1) ** 0.5)
-        else:
-            x0 = model_output
-            if not clip:
-                derivative = (sample - x0) * inv_s
-        if clip:
-            r = float(c["clip_sample_range"])
-            x0 = np.clip(x0, -r, r)
-            derivative = (sample - x0) * inv_s
-
+        # x0 (Karras' D(x; sigma)) and the ODE slope (x - x0) / sigma, the slope in closed form unless x0 is
+        # clipped (the float32 cancellation in x - x0 is multiplied by dt / sigma in the correction)
+        x0, derivative = denoised_and_slope(
+            sample,
+            model_output,
+            c["prediction_type"],
+            sigma_in,
+            clip_range=float(c["clip_sample_range"]) if c["clip_sample"] else None,
+        )
+        if first and derivative is model_output:
+            derivative = model_output.copy()  # kept across calls
         if first:
             # Euler step to sigma_next; keep slope, step size and start for the correction
             dt = sigma_next - sigma

@@ -13,15 +13,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import (
-    TIMESTEP_SPACINGS,
-    BaseScheduler,
-    SchedulerOutput,
-    check_choice,
-    register_to_config,
+from .base import TIMESTEP_SPACINGS, BaseScheduler, SchedulerOutput, check_choice, register_to_config
+from .sigmas import (
+    SIGMA_RAMPS,
+    check_one_sigma_ramp,
+    multistep_spaced_timesteps,
+    sigma_ramp,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
+from .step_index import StepIndexMixin
 
 __all__ = ["UniPCMultistepScheduler"]
 
@@ -31,42 +32,6 @@ SOLVER_TYPES = ("bh1", "bh2")
 _SOLVER_TYPE_ALIASES = ("midpoint", "heun", "logrho")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 TIME_SHIFT_TYPES = ("exponential", "linear")
-
-#: diffusers sets the last alphas_cumprod of a zero-terminal-SNR schedule to this (fp16's smallest subnormal)
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
-
-
-# -- float32 mirror of diffusers' schedule (for timesteps only) ---------------------------------------------
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """float32[steps] equal to ``torch.linspace(start, end, steps, dtype=torch.float32)`` on the CPU.
-
-    torch computes ``step = (end - start) / (steps - 1)`` in float32 and then ``start + step * i`` for the
-    first half, ``end - step * (steps - 1 - i)`` for the second, each with one rounding (a fused multiply-add);
-    the float64 product of a float32 and an int is exact, so one float64 add then a cast reproduces it.
-    """
-    s, e = np.float32(start), np.float32(end)
-    if steps == 1:
-        return np.array([s], dtype=np.float32)
-    step = np.float64((e - s) / np.float32(steps - 1))
-    i = np.arange(steps, dtype=np.float64)
-    first = np.float64(s) + step * i
-    second = np.float64(e) - step * (steps - 1 - i)
-    return np.where(np.arange(steps) < steps // 2, first, second).astype(np.float32)
-
-
-def _cumprod_f32(x: np.ndarray) -> np.ndarray:
-    """torch.cumprod of a float32 tensor on the CPU: accumulated in float64, each output cast to float32."""
-    return np.cumprod(x.astype(np.float64)).astype(np.float32)
-
-
-def _rescale_zero_terminal_snr_f32(betas: np.ndarray) -> np.ndarray:
-    """diffusers' ``rescale_zero_terminal_snr`` as its float32 torch ops round (Lin et al. 2023, Algorithm 1)."""
-    abar_sqrt = np.sqrt(_cumprod_f32(np.float32(1) - betas))
-    a0, aT = abar_sqrt[0], abar_sqrt[-1]
-    abar_sqrt = (abar_sqrt - aT) * (a0 / (a0 - aT))
-    abar = abar_sqrt * abar_sqrt
-    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
-    return np.float32(1) - alphas
 
 
 def _solve(A: list[list[float]], b: list[float]) -> list[float]:
@@ -88,7 +53,7 @@ def _solve(A: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
-class UniPCMultistepScheduler(BaseScheduler):
+class UniPCMultistepScheduler(StepIndexMixin, BaseScheduler):
     """diffusers' ``UniPCMultistepScheduler`` in NumPy (same constructor arguments and defaults).
 
     The multistep state follows diffusers exactly: ``model_outputs`` (the converted outputs of the last
@@ -155,42 +120,75 @@ class UniPCMultistepScheduler(BaseScheduler):
     ``step`` returns ``SchedulerOutput(prev_sample, pred_original_sample)`` (diffusers gives no
     ``pred_original_sample``) and accepts ``generator=`` (ignored: UniPC is deterministic) so that every
     scheduler of this package is driven the same way. ``return_dict=False`` gives ``(prev_sample,)`` as
-    diffusers does. ``use_beta_sigmas`` needs scipy (``scipy.stats.beta.ppf``), imported lazily, as diffusers.
+    diffusers does. ``use_beta_sigmas`` needs no scipy (a NumPy inverse incomplete beta function).
     """
 
     _needs_positive_sigma_min = True
+    _clamps_zero_snr = True
 
     order: ClassVar[int] = 1
     _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
-                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
-                 prediction_type: str = "epsilon", thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 predict_x0: bool = True, solver_type: str = "bh2", lower_order_final: bool = True,
-                 disable_corrector: list[int] = [],  # noqa: B006  (diffusers' default, never mutated)
-                 solver_p=None, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
-                 use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
-                 timestep_spacing: str = "linspace", steps_offset: int = 0, final_sigmas_type: str = "zero",
-                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
-                 time_shift_type: str = "exponential", sigma_min: float | None = None,
-                 sigma_max: float | None = None, shift_terminal: float | None = None):
-        self._validate(solver_order=solver_order, prediction_type=prediction_type, predict_x0=predict_x0,
-                       solver_type=solver_type, disable_corrector=disable_corrector, solver_p=solver_p,
-                       use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
-                       use_beta_sigmas=use_beta_sigmas, use_flow_sigmas=use_flow_sigmas, flow_shift=flow_shift,
-                       timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                       final_sigmas_type=final_sigmas_type, time_shift_type=time_shift_type,
-                       sigma_min=sigma_min, sigma_max=sigma_max, shift_terminal=shift_terminal,
-                       dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006  (diffusers' default, never mutated)
+        solver_p=None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        shift_terminal: float | None = None,
+    ):
+        self._validate(
+            solver_order=solver_order,
+            prediction_type=prediction_type,
+            predict_x0=predict_x0,
+            solver_type=solver_type,
+            disable_corrector=disable_corrector,
+            solver_p=solver_p,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            use_flow_sigmas=use_flow_sigmas,
+            flow_shift=flow_shift,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            final_sigmas_type=final_sigmas_type,
+            time_shift_type=time_shift_type,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            shift_terminal=shift_terminal,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value,
+        )
         if solver_type in _SOLVER_TYPE_ALIASES:
             self._config["solver_type"] = "bh2"  # as diffusers' register_to_config(solver_type="bh2")
-        self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                         rescale_betas_zero_snr)
-        if rescale_betas_zero_snr:
-            # as diffusers: close to 0 without being 0, so that the first sigma (~4096) is finite
-            self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_CUMPROD
+        self._init_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
+        )
         ac = self.alphas_cumprod
         # VP schedule: x_t = alpha_t x_0 + sigma_t eps, lambda_t = log(alpha_t / sigma_t) (half log-SNR)
         self.alpha_t = np.sqrt(ac)
@@ -203,7 +201,6 @@ class UniPCMultistepScheduler(BaseScheduler):
         self.disable_corrector = list(disable_corrector)
         self.solver_p = None
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
-        self._ac32: np.ndarray | None = None
         self._reset_state()
 
     # -- validation ----------------------------------------------------------------------------------
@@ -225,19 +222,23 @@ class UniPCMultistepScheduler(BaseScheduler):
         if not c["sample_max_value"] > 0:
             raise ValueError(f"sample_max_value must be > 0; got {c['sample_max_value']!r}")
         if c["solver_p"] is not None:
-            raise ValueError("solver_p (another scheduler as UniPC's predictor) is not supported: it cannot be "
-                             "saved in scheduler_config.json; use solver_type='bh1' or 'bh2' instead")
+            raise ValueError(
+                "solver_p (another scheduler as UniPC's predictor) is not supported: it cannot be "
+                "saved in scheduler_config.json; use solver_type='bh1' or 'bh2' instead"
+            )
         dc = c["disable_corrector"]
-        if isinstance(dc, (str, bytes)) or not hasattr(dc, "__iter__") or not all(
-                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in dc):
+        if (
+            isinstance(dc, (str, bytes))
+            or not hasattr(dc, "__iter__")
+            or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in dc)
+        ):
             raise ValueError(f"disable_corrector must be a list of step indices (ints); got {dc!r}")
-        ramps = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c[k]]
-        if len(ramps) > 1:
-            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be "
-                             f"True; got {ramps}")
+        check_one_sigma_ramp(c)
         if c["use_flow_sigmas"] and (c["use_exponential_sigmas"] or c["use_beta_sigmas"]):
-            raise ValueError("use_flow_sigmas cannot be combined with use_exponential_sigmas or use_beta_sigmas: "
-                             "their VP sigmas (> 1) would be read as flow sigmas (diffusers returns NaN)")
+            raise ValueError(
+                "use_flow_sigmas cannot be combined with use_exponential_sigmas or use_beta_sigmas: "
+                "their VP sigmas (> 1) would be read as flow sigmas (diffusers returns NaN)"
+            )
         if c["shift_terminal"] is not None and not c["use_flow_sigmas"]:
             raise ValueError("shift_terminal is only supported when use_flow_sigmas=True")
         if c["shift_terminal"] is not None and not 0 <= c["shift_terminal"] < 1:
@@ -245,19 +246,15 @@ class UniPCMultistepScheduler(BaseScheduler):
         if not c["flow_shift"] > 0:
             raise ValueError(f"flow_shift must be > 0; got {c['flow_shift']!r}")
         if c["prediction_type"] == "flow_prediction" and not c["predict_x0"]:
-            raise ValueError("prediction_type='flow_prediction' needs predict_x0=True (UniPC's noise-prediction "
-                             "form is defined for epsilon, sample and v_prediction only)")
+            raise ValueError(
+                "prediction_type='flow_prediction' needs predict_x0=True (UniPC's noise-prediction "
+                "form is defined for epsilon, sample and v_prediction only)"
+            )
         for key in ("sigma_min", "sigma_max"):
             if c[key] is not None and not (isinstance(c[key], (int, float, np.floating)) and c[key] > 0):
                 raise ValueError(f"{key} must be None or a number > 0; got {c[key]!r}")
         if c["sigma_min"] is not None and c["sigma_max"] is not None and not c["sigma_min"] < c["sigma_max"]:
             raise ValueError(f"sigma_min={c['sigma_min']} must be < sigma_max={c['sigma_max']}")
-        if c["use_beta_sigmas"]:
-            try:
-                import scipy.stats  # noqa: F401
-            except ImportError:
-                raise ImportError("use_beta_sigmas=True needs scipy (scipy.stats.beta.ppf), as in diffusers; "
-                                  "pip install scipy") from None
 
     # -- state -----------------------------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -271,71 +268,24 @@ class UniPCMultistepScheduler(BaseScheduler):
         self._begin_index: int | None = None
         self._coef_cache: dict[tuple, tuple] = {}
 
-
     # -- schedule ----------------------------------------------------------------------------------------
-    def _alphas_cumprod_f32(self) -> np.ndarray:
-        """float32[T] alphas_cumprod as diffusers computes it, to map sigmas to timesteps (bit-exact except with
-        rescale_betas_zero_snr, whose float32 sqrt in torch is not correctly rounded; see the class docstring)."""
-        if self._ac32 is None:
-            c = self.config
-            T = c["num_train_timesteps"]
-            if c["trained_betas"] is not None or c["beta_schedule"] not in ("linear", "scaled_linear"):
-                # trained betas, squaredcos_cap_v2 (python floats) and our other schedules (saved as
-                # trained_betas): diffusers casts float64 values to float32
-                betas = self._raw_betas.astype(np.float32)
-            elif c["beta_schedule"] == "linear":
-                betas = _torch_linspace_f32(c["beta_start"], c["beta_end"], T)
-            else:
-                b = _torch_linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T)
-                betas = b * b
-            if c["rescale_betas_zero_snr"]:
-                betas = _rescale_zero_terminal_snr_f32(betas)
-            ac = _cumprod_f32(np.float32(1) - betas)
-            if c["rescale_betas_zero_snr"]:
-                ac[-1] = np.float32(ZERO_SNR_ALPHA_CUMPROD)
-            self._ac32 = ac
-        return self._ac32
-
     def _sigma_ramp(self, sigmas_ascending: np.ndarray, n: int) -> np.ndarray:
-        """float64[n] descending sigmas of the configured ramp (Karras / exponential / beta) over the range of
+        """float64[n] descending sigmas of the configured list (Karras / exponential / beta) over the range of
         ``sigmas_ascending`` (or the configured ``sigma_min`` / ``sigma_max``)."""
         c = self.config
         s_min = float(c["sigma_min"]) if c["sigma_min"] is not None else float(sigmas_ascending[0])
         s_max = float(c["sigma_max"]) if c["sigma_max"] is not None else float(sigmas_ascending[-1])
-        if c["use_karras_sigmas"]:
-            # Karras et al. (2022) eq. (5), rho = 7
-            rho = 7.0
-            ramp = np.linspace(0, 1, n)
-            min_inv_rho, max_inv_rho = s_min ** (1 / rho), s_max ** (1 / rho)
-            return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-        if c["use_exponential_sigmas"]:
-            return np.exp(np.linspace(math.log(s_max), math.log(s_min), n))
-        import scipy.stats  # use_beta_sigmas (Lee et al. 2024): sigmas at Beta(0.6, 0.6) quantiles
-
-        ppf = np.array([scipy.stats.beta.ppf(u, 0.6, 0.6) for u in 1 - np.linspace(0, 1, n)])
-        return np.array([s_min + p * (s_max - s_min) for p in ppf])
+        kind = next(SIGMA_RAMPS[k] for k in SIGMA_RAMPS if c[k])
+        return sigma_ramp(kind, s_min, s_max, n)
 
     def _time_shift(self, mu: float, t: np.ndarray) -> np.ndarray:
         if self.config["time_shift_type"] == "exponential":
             return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
         return mu / (mu + (1 / t - 1) ** 1.0)
 
-    def _spacing_timesteps(self, n: int) -> np.ndarray:
-        """int64[n] descending timesteps by ``timestep_spacing`` (UniPC's rule: n + 1 points, last dropped)."""
-        c = self.config
-        T = c["num_train_timesteps"]
-        spacing = c["timestep_spacing"]
-        if spacing == "linspace":
-            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        if spacing == "leading":
-            ratio = T // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            return ts + int(c["steps_offset"])
-        ratio = T / n  # trailing (n + 1 entries, the last -1, where np.arange rounds up: kept as diffusers)
-        return np.arange(T, 0, -ratio).round().copy().astype(np.int64) - 1
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None,
-                      mu: float | None = None) -> None:
+    def set_timesteps(
+        self, num_inference_steps: int | None = None, device=None, sigmas=None, mu: float | None = None
+    ) -> None:
         """Choose the inference schedule and reset the multistep state.
 
         Args:
@@ -354,8 +304,10 @@ class UniPCMultistepScheduler(BaseScheduler):
         custom = None
         if sigmas is not None:
             if not c["use_flow_sigmas"] or ramp:
-                raise ValueError("set_timesteps(sigmas=...) is supported only with use_flow_sigmas=True and "
-                                 "none of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas")
+                raise ValueError(
+                    "set_timesteps(sigmas=...) is supported only with use_flow_sigmas=True and "
+                    "none of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas"
+                )
             custom = np.asarray(sigmas, dtype=np.float64).reshape(-1)
             if custom.size == 0 or not np.all(np.isfinite(custom)) or custom.min() <= 0 or custom.max() > 1:
                 raise ValueError(f"custom flow sigmas must be a non-empty list of values in (0, 1]; got {sigmas!r}")
@@ -378,7 +330,7 @@ class UniPCMultistepScheduler(BaseScheduler):
                 t_sigmas = t_sigmas / (t_sigmas + 1)
                 timesteps = (t_sigmas * T).astype(np.int64)
             else:
-                t = np.array([sigma_to_t(s, log_sigmas32) for s in t_sigmas])
+                t = sigma_to_t(t_sigmas, log_sigmas32)
                 timesteps = (t.round() if c["use_karras_sigmas"] else t).astype(np.int64)
             last = step_sigmas[-1] if final_min else 0.0
         elif c["use_flow_sigmas"]:
@@ -400,10 +352,12 @@ class UniPCMultistepScheduler(BaseScheduler):
             timesteps = (step_sigmas * T).astype(np.int64)
             last = step_sigmas[-1] if final_min else 0.0
         else:
-            timesteps = self._spacing_timesteps(n)
+            timesteps = multistep_spaced_timesteps(T, n, c["timestep_spacing"], c["steps_offset"])
             if timesteps.max() >= T:
-                raise ValueError(f"steps_offset={c['steps_offset']} pushes timestep {timesteps.max()} to or past "
-                                 f"num_train_timesteps={T}")
+                raise ValueError(
+                    f"steps_offset={c['steps_offset']} pushes timestep {timesteps.max()} to or past "
+                    f"num_train_timesteps={T}"
+                )
             # trailing can give n + 1 timesteps, the last one -1 (np.arange rounds up, e.g. n = 61 with
             # T = 1000); diffusers keeps it and np.interp clamps its sigma to sigma at t = 0: so do we
             step_sigmas = vp_sigmas[np.clip(timesteps, 0, T - 1)]
@@ -416,7 +370,8 @@ class UniPCMultistepScheduler(BaseScheduler):
             raise ValueError(
                 f"num_inference_steps={n} with this configuration repeats a sigma inside the inference schedule "
                 f"(timesteps {timesteps.tolist()[:12]}...): UniPC's log-SNR step h would be zero (diffusers "
-                "returns NaN). Use fewer steps or another timestep_spacing")
+                "returns NaN). Use fewer steps or another timestep_spacing"
+            )
         self.sigmas = np.concatenate([step_sigmas, [float(last)]])
         self.timesteps = timesteps.astype(np.int64)
         self.num_inference_steps = len(timesteps)
@@ -432,7 +387,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         same_schedule = getattr(self, "_lambda_list", None) == lambdas.tolist()
         cache = self._coef_cache
         self._alpha_list = alphas.tolist()
-        self._sigma_list = sigs.tolist()
+        self._sigma_t_list = sigs.tolist()
         self._lambda_list = lambdas.tolist()
         self._reset_state()
         if same_schedule:
@@ -454,7 +409,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         """The model output as the solver needs it at the current step index: x_0 (``predict_x0``, thresholded
         when ``thresholding``) or epsilon. float32[B, C, H, W] in, same out."""
         i = self._step_index
-        a, s = self._alpha_list[i], self._sigma_list[i]
+        a, s = self._alpha_list[i], self._sigma_t_list[i]
         pt = self.config["prediction_type"]
         if self.predict_x0:
             if pt == "epsilon":
@@ -474,29 +429,6 @@ class UniPCMultistepScheduler(BaseScheduler):
             return (sample - a * model_output) / s
         return a * model_output + s * sample  # v_prediction
 
-    def _threshold_sample(self, sample: np.ndarray) -> np.ndarray:
-        """Dynamic thresholding (Imagen), as the base class's, but faster: with ``sample_max_value <= 1`` the
-        per-image scale s = clip(quantile, 1, sample_max_value) is 1, i.e. plain clipping to [-1, 1]; otherwise
-        the quantile (linear interpolation, as np.quantile / torch.quantile) comes from one ``np.partition``
-        instead of ``np.quantile``'s much slower general path."""
-        c = self.config
-        if c["sample_max_value"] <= 1:
-            return np.clip(sample, -1, 1)
-        batch = sample.shape[0]
-        dtype = sample.dtype
-        flat = sample.reshape(batch, -1).astype(np.float64 if dtype == np.float64 else np.float32)
-        a = np.abs(flat)
-        k = c["dynamic_thresholding_ratio"] * (a.shape[1] - 1)
-        lo = int(math.floor(k))
-        hi = min(lo + 1, a.shape[1] - 1)
-        part = np.partition(a, [lo, hi] if hi != lo else [lo], axis=1)
-        v_lo, v_hi = part[:, lo], part[:, hi]
-        t = k - lo
-        diff = v_hi - v_lo  # np.quantile's lerp, in the array's dtype (so the result is bit-identical)
-        q = v_hi - diff * flat.dtype.type(1 - t) if t >= 0.5 else v_lo + diff * flat.dtype.type(t)
-        scale = np.clip(q, 1, c["sample_max_value"]).astype(flat.dtype)[:, None]
-        return (np.clip(flat, -scale, scale) / scale).reshape(sample.shape).astype(dtype, copy=False)
-
     # -- the B(h) coefficients -------------------------------------------------------------------------------
     def _bh_coefficients(self, kind: str, order: int) -> tuple[float, list[float], float]:
         """Coefficients of one UniP (kind "p") or UniC (kind "c") update at the current step index.
@@ -511,7 +443,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         hit = self._coef_cache.get(key)
         if hit is not None:
             return hit
-        lam, alp, sig = self._lambda_list, self._alpha_list, self._sigma_list
+        lam, alp, sig = self._lambda_list, self._alpha_list, self._sigma_t_list
         # predictor: from s0 = i to t = i + 1; corrector: re-does the step from s0 = i - 1 to t = i
         t, s0 = (i + 1, i) if kind == "p" else (i, i - 1)
         alpha_t, sigma_t, alpha_s0, sigma_s0 = alp[t], sig[t], alp[s0], sig[s0]
@@ -596,8 +528,9 @@ class UniPCMultistepScheduler(BaseScheduler):
         outs = self.model_outputs
         return self._combine(c_x, sample, [(c_m[k], outs[-(k + 1)]) for k in range(order)])
 
-    def multistep_uni_c_bh_update(self, this_model_output: np.ndarray, last_sample: np.ndarray,
-                                  this_sample: np.ndarray, order: int) -> np.ndarray:
+    def multistep_uni_c_bh_update(
+        self, this_model_output: np.ndarray, last_sample: np.ndarray, this_sample: np.ndarray, order: int
+    ) -> np.ndarray:
         """UniC-``order``: redo the last step from ``last_sample`` using ``this_model_output`` (evaluated at
         ``this_sample``, the predicted sample); ``model_outputs`` still ends with the last step's output."""
         c_x, c_m, c_t = self._bh_coefficients("c", order)
@@ -606,27 +539,9 @@ class UniPCMultistepScheduler(BaseScheduler):
         return self._combine(c_x, last_sample, terms)
 
     # -- stepping ----------------------------------------------------------------------------------------
-    def index_for_timestep(self, timestep, schedule_timesteps: np.ndarray | None = None) -> int:
-        """Index of ``timestep`` in the schedule: 0 for ``timesteps[0]``; for a timestep that appears more than
-        once elsewhere, the second occurrence (diffusers' rule for starting mid-schedule)."""
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        t = np.asarray(timestep).reshape(-1)
-        if t.size != 1:
-            raise ValueError(f"expected one timestep; got shape {np.shape(timestep)}")
-        candidates = np.flatnonzero(schedule_timesteps == t[0])
-        if candidates.size == 0:
-            raise ValueError(f"timestep {t[0]} is not one of this scheduler's timesteps "
-                             f"{np.asarray(schedule_timesteps).tolist()}")
-        if candidates[0] == 0 or candidates.size == 1:
-            return int(candidates[0])
-        return int(candidates[1])
-
-    def _init_step_index(self, timestep) -> None:
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, return_dict: bool = True, *,
-             generator=None) -> SchedulerOutput | tuple:
+    def step(
+        self, model_output: np.ndarray, timestep, sample: np.ndarray, return_dict: bool = True, *, generator=None
+    ) -> SchedulerOutput | tuple:
         """One UniPC step: correct the sample with UniC (skipped on the first step and for indices listed in
         ``disable_corrector``), then predict the next sample with UniP.
 
@@ -644,11 +559,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         self._check_step_inputs(model_output, sample)
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        if i >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps are done; call set_timesteps() again")
+        i = self._current_index(timestep)
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {model_output.shape}; expected the sample's {sample.shape}")
         order_cfg = self.config["solver_order"]
@@ -658,7 +569,7 @@ class UniPCMultistepScheduler(BaseScheduler):
         if self.predict_x0:
             x0 = m
         else:  # x_0 = (x_t - sigma_t eps) / alpha_t, from the sample the output was evaluated at
-            x0 = ((sample - self._sigma_list[i] * m) / self._alpha_list[i]).astype(sample.dtype, copy=False)
+            x0 = ((sample - self._sigma_t_list[i] * m) / self._alpha_list[i]).astype(sample.dtype, copy=False)
         if use_corrector:
             sample = self.multistep_uni_c_bh_update(m, self.last_sample, sample, self.this_order)
 
@@ -694,8 +605,10 @@ class UniPCMultistepScheduler(BaseScheduler):
         """
         if self.num_inference_steps is None:
             if self.config["use_flow_sigmas"]:
-                raise ValueError("add_noise with use_flow_sigmas needs set_timesteps() first (the flow sigmas "
-                                 "are defined by the inference schedule)")
+                raise ValueError(
+                    "add_noise with use_flow_sigmas needs set_timesteps() first (the flow sigmas "
+                    "are defined by the inference schedule)"
+                )
             return super().add_noise(original_samples, noise, timesteps)
         x0 = np.asarray(original_samples)
         dtype = x0.dtype if x0.dtype.kind == "f" else np.float32

@@ -135,8 +135,9 @@ def _ddim_eta1_vs_ddpm(ddim, ddpm, n):
         if isinstance(ddim, DDIMScheduler):
             x = ddim.step(eps, int(t), x, eta=1.0, generator=g1).prev_sample
         else:
-            x = ddim.step(torch.from_numpy(eps), t, torch.from_numpy(np.asarray(x)), eta=1.0, generator=g1
-                          ).prev_sample.numpy()
+            x = ddim.step(
+                torch.from_numpy(eps), t, torch.from_numpy(np.asarray(x)), eta=1.0, generator=g1
+            ).prev_sample.numpy()
         y = ddpm.step(eps_t, t, y, generator=g2).prev_sample
         worst = max(worst, rel_err(np.asarray(x), y))
     return worst
@@ -163,8 +164,9 @@ def test_ddim_leading_offset_last_step_uses_final_alpha():
 
 
 def test_ddim_zero_snr_eta1_is_finite_where_diffusers_is_nan():
-    cfg = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
-               clip_sample=False)
+    cfg = dict(
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    )
     ours = DDIMScheduler(**cfg)
     ours.set_timesteps(10)
     x = TorchGenerator(0).randn((1, 3, 8, 8))
@@ -184,8 +186,9 @@ def test_zero_snr_epsilon_without_clipping_is_refused_clearly():
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
 def test_config_round_trip_through_diffusers(cls, tmp_path):
-    ours = cls(beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing",
-               clip_sample=False)
+    ours = cls(
+        beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    )
     ours.save_config(tmp_path)
     theirs = getattr(diffusers, cls.__name__).from_pretrained(tmp_path)
     assert run_parity(cls.from_config(tmp_path), theirs, 10) <= 1e-4
@@ -207,22 +210,26 @@ def test_non_diffusers_schedules_saved_as_trained_betas(schedule, tmp_path):
 
 
 def test_trained_betas_with_zero_snr_rescale_are_not_rescaled_twice(tmp_path):
-    ours = DDIMScheduler(beta_schedule="cosine", rescale_betas_zero_snr=True, prediction_type="v_prediction",
-                         clip_sample=False)
+    ours = DDIMScheduler(
+        beta_schedule="cosine", rescale_betas_zero_snr=True, prediction_type="v_prediction", clip_sample=False
+    )
     ours.save_config(tmp_path)
     theirs = diffusers.DDIMScheduler.from_pretrained(tmp_path)
     np.testing.assert_allclose(theirs.alphas_cumprod.double().numpy(), ours.alphas_cumprod, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
-@pytest.mark.parametrize("kwargs,match", [
-    ({"beta_schedule": "cosin"}, "beta_schedule"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"steps_offset": -1}, "steps_offset"),
-    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
-    ({"clip_sample_range": 0}, "clip_sample_range"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_schedule": "cosin"}, "beta_schedule"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
+        ({"clip_sample_range": 0}, "clip_sample_range"),
+    ],
+)
 def test_bad_config_values(cls, kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         cls(**kwargs)
@@ -256,8 +263,12 @@ def test_ddpm_variance_noise_order_matches_diffusers_with_generator_lists():
     x = np.zeros((2, 1, 4, 4), np.float32)
     t = ours.timesteps[0]
     a = ours.step(x, t, x, generator=[TorchGenerator(3), TorchGenerator(4)]).prev_sample
-    b = theirs.step(torch.from_numpy(x), int(t), torch.from_numpy(x),
-                    generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).prev_sample
+    b = theirs.step(
+        torch.from_numpy(x),
+        int(t),
+        torch.from_numpy(x),
+        generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)],
+    ).prev_sample
     np.testing.assert_allclose(a, b.numpy(), atol=1e-6)
 
 
@@ -281,9 +292,13 @@ def test_zero_beta_start_steps_stay_finite(prediction_type, eta, clipped):
     from deploy_diff.runtime.rng import TorchGenerator
     from deploy_diff.runtime.schedulers import DDIMScheduler, DDPMScheduler
 
-    for s, kw in ((DDIMScheduler(beta_start=0.0, prediction_type=prediction_type),
-                   dict(eta=eta, use_clipped_model_output=clipped)),
-                  (DDPMScheduler(beta_start=0.0, prediction_type=prediction_type), {})):
+    for s, kw in (
+        (
+            DDIMScheduler(beta_start=0.0, prediction_type=prediction_type),
+            dict(eta=eta, use_clipped_model_output=clipped),
+        ),
+        (DDPMScheduler(beta_start=0.0, prediction_type=prediction_type), {}),
+    ):
         s.set_timesteps(4)
         x = np.full((1, 1, 4, 4), 0.87, np.float32)
         g = TorchGenerator(0)

@@ -42,17 +42,23 @@ from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler as Ours
-from deploy_diff.runtime.schedulers.dpmsolver import diffusers_float32_alphas_cumprod
+from deploy_diff.runtime.schedulers.sigmas import diffusers_float32_alphas_cumprod
 
 # diffusers' own noise: its deprecation notice for (sde-)dpmsolver and a NumPy 2 __array__ notice
-pytestmark = [pytest.mark.filterwarnings("ignore:.*algorithm_types dpmsolver and sde-dpmsolver:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*algorithm_types dpmsolver and sde-dpmsolver:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 STEPS = [1, 2, 7, 10, 50]
 NOISE_ALGOS = ("dpmsolver", "sde-dpmsolver")
 DIFFUSERS_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SIGMA_FLAGS = {"karras": "use_karras_sigmas", "lu": "use_lu_lambdas", "exp": "use_exponential_sigmas",
-               "beta": "use_beta_sigmas"}
+SIGMA_FLAGS = {
+    "karras": "use_karras_sigmas",
+    "lu": "use_lu_lambdas",
+    "exp": "use_exponential_sigmas",
+    "beta": "use_beta_sigmas",
+}
 
 SPACE = {
     "algorithm_type": ["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"],
@@ -74,10 +80,28 @@ SPACE = {
 }
 # the full cross product of SPACE is ~10^7 runs: the slow tests take the cross product of the solver axes
 # (default schedule) and of the schedule axes (default solver), plus a large random sample of everything
-SOLVER_AXES = ("algorithm_type", "solver_order", "solver_type", "prediction_type", "sigmas", "final_sigmas_type",
-               "lower_order_final", "euler_at_final", "steps")
-SCHEDULE_AXES = ("beta_schedule", "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "lambda_min_clipped",
-                 "thresholding", "variance_type", "prediction_type", "steps")
+SOLVER_AXES = (
+    "algorithm_type",
+    "solver_order",
+    "solver_type",
+    "prediction_type",
+    "sigmas",
+    "final_sigmas_type",
+    "lower_order_final",
+    "euler_at_final",
+    "steps",
+)
+SCHEDULE_AXES = (
+    "beta_schedule",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+    "steps_offset",
+    "lambda_min_clipped",
+    "thresholding",
+    "variance_type",
+    "prediction_type",
+    "steps",
+)
 # diffusers' defaults (dpmsolver++, second order, midpoint, linspace) with 10 steps
 DEFAULTS = {k: v[0] for k, v in SPACE.items()} | {"solver_order": 2, "steps": 10}
 
@@ -132,8 +156,13 @@ def _nan_in_diffusers(cfg: dict) -> bool:
     lowered to first order (tested in test_repeated_final_sigma_is_exact_where_diffusers_is_nan)."""
     n = cfg["steps"]
     lowered = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)
-    return (cfg["sigmas"] != "plain" and cfg["final_sigmas_type"] == "sigma_min" and n >= 2
-            and cfg["solver_order"] >= 2 and not lowered)
+    return (
+        cfg["sigmas"] != "plain"
+        and cfg["final_sigmas_type"] == "sigma_min"
+        and n >= 2
+        and cfg["solver_order"] >= 2
+        and not lowered
+    )
 
 
 def _valid(cfg: dict) -> bool:
@@ -148,8 +177,9 @@ def _valid(cfg: dict) -> bool:
         return False  # steps_offset only acts on leading spacing; keep the sample varied
     if _nan_in_diffusers(cfg):
         return False
-    if algo in NOISE_ALGOS and (cfg["beta_schedule"] in ("squaredcos_cap_v2", "cosine", "karras")
-                                or cfg["rescale_betas_zero_snr"]):
+    if algo in NOISE_ALGOS and (
+        cfg["beta_schedule"] in ("squaredcos_cap_v2", "cosine", "karras") or cfg["rescale_betas_zero_snr"]
+    ):
         return False  # float32 cancellation ~1e4 in both implementations (module docstring)
     return True
 
@@ -225,8 +255,9 @@ def _with_their_sigmas(cfg):
     return run_parity(ours, theirs, cfg["steps"], out_channels=6 if cfg["variance_type"] else None)
 
 
-@pytest.mark.parametrize("algo,tol", [("dpmsolver++", 2e-5), ("sde-dpmsolver++", 1e-4), ("dpmsolver", 1e-3),
-                                      ("sde-dpmsolver", 1e-4)])
+@pytest.mark.parametrize(
+    "algo,tol", [("dpmsolver++", 2e-5), ("sde-dpmsolver++", 1e-4), ("dpmsolver", 1e-3), ("sde-dpmsolver", 1e-4)]
+)
 def test_solver_equals_diffusers_given_its_sigmas(algo, tol):
     """With diffusers' float32 sigmas copied into ours, only float32 arithmetic separates the two: the
     per-algorithm tolerances of the parity tests are diffusers' schedule rounding, not a different solver.
@@ -241,9 +272,19 @@ def test_solver_equals_diffusers_given_its_sigmas(algo, tol):
 def test_noise_prediction_sde_on_an_extreme_schedule_given_diffusers_sigmas():
     """End to end this case is 0.57 off diffusers (our `karras` schedule with zero terminal SNR: diffusers'
     sigmas 0.7% off, the noise-prediction SDE swells the sample to ~1.5e3); with its sigmas, 1e-5."""
-    cfg = dict(DEFAULTS, algorithm_type="sde-dpmsolver", solver_order=1, prediction_type="v_prediction",
-               sigmas="lu", final_sigmas_type="sigma_min", beta_schedule="karras", rescale_betas_zero_snr=True,
-               lower_order_final=False, timestep_spacing="leading", steps=10)
+    cfg = dict(
+        DEFAULTS,
+        algorithm_type="sde-dpmsolver",
+        solver_order=1,
+        prediction_type="v_prediction",
+        sigmas="lu",
+        final_sigmas_type="sigma_min",
+        beta_schedule="karras",
+        rescale_betas_zero_snr=True,
+        lower_order_final=False,
+        timestep_spacing="leading",
+        steps=10,
+    )
     assert _with_their_sigmas(cfg) <= 1e-4
     assert _check_parity(cfg) > 0.1
 
@@ -253,10 +294,19 @@ def test_noise_prediction_on_extreme_schedules(algo):
     """dpmsolver / sde-dpmsolver (noise prediction) where sigma_max > 1e3 or sigma_min < 5e-3: our float32 run
     stays within 3e-2 of our float64 run (diffusers' float32 run is up to ~0.5 off it)."""
     for sched, rescale in [("squaredcos_cap_v2", False), ("linear", True), ("cosine", False), ("karras", True)]:
-        for pt, n, sigmas in [("epsilon", 10, None), ("v_prediction", 7, "use_karras_sigmas"), ("sample", 2, None),
-                              ("v_prediction", 10, "use_lu_lambdas")]:
-            kw = dict(algorithm_type=algo, final_sigmas_type="sigma_min", beta_schedule=sched,
-                      rescale_betas_zero_snr=rescale, prediction_type=pt)
+        for pt, n, sigmas in [
+            ("epsilon", 10, None),
+            ("v_prediction", 7, "use_karras_sigmas"),
+            ("sample", 2, None),
+            ("v_prediction", 10, "use_lu_lambdas"),
+        ]:
+            kw = dict(
+                algorithm_type=algo,
+                final_sigmas_type="sigma_min",
+                beta_schedule=sched,
+                rescale_betas_zero_snr=rescale,
+                prediction_type=pt,
+            )
             if sigmas:
                 kw[sigmas] = True
             x32 = TorchGenerator(0).randn((2, 3, 8, 8))
@@ -270,14 +320,18 @@ def test_noise_prediction_on_extreme_schedules(algo):
 # -- timesteps -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("n", [1, 3, 7, 10, 50, 61, 999, 1000])
-@pytest.mark.parametrize("extra", [{}, {"steps_offset": 1}, {"lambda_min_clipped": -5.1,
-                                                               "beta_schedule": "squaredcos_cap_v2"}],
-                         ids=["plain", "offset1", "lclip"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"steps_offset": 1}, {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"}],
+    ids=["plain", "offset1", "lclip"],
+)
 def test_spaced_timesteps_equal_diffusers(spacing, n, extra):
     """Exact, or a clear ValueError where diffusers' own timesteps repeat (NaN / IndexError later) or leave
     [0, T) (it feeds t = 1000 to the model)."""
-    ours, theirs = Ours(timestep_spacing=spacing, **extra), diffusers.DPMSolverMultistepScheduler(
-        timestep_spacing=spacing, **extra)
+    ours, theirs = (
+        Ours(timestep_spacing=spacing, **extra),
+        diffusers.DPMSolverMultistepScheduler(timestep_spacing=spacing, **extra),
+    )
     theirs.set_timesteps(n)
     dt = theirs.timesteps.numpy()
     if len(np.unique(dt)) < len(dt) or dt.max() >= 1000:
@@ -288,14 +342,20 @@ def test_spaced_timesteps_equal_diffusers(spacing, n, extra):
     np.testing.assert_array_equal(ours.timesteps, dt)
     assert ours.timesteps.dtype == np.int64
     assert ours.num_inference_steps == theirs.num_inference_steps == len(dt)
-    np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-4 if "beta_schedule" not in extra
-                               else 1e-3)
+    np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-4 if "beta_schedule" not in extra else 1e-3)
 
 
 @pytest.mark.parametrize("kind", ["karras", "lu", "exp", "beta"])
-@pytest.mark.parametrize("schedule,rescale", [("linear", False), ("scaled_linear", False),
-                                              ("squaredcos_cap_v2", False), ("linear", True),
-                                              ("squaredcos_cap_v2", True)])
+@pytest.mark.parametrize(
+    "schedule,rescale",
+    [
+        ("linear", False),
+        ("scaled_linear", False),
+        ("squaredcos_cap_v2", False),
+        ("linear", True),
+        ("squaredcos_cap_v2", True),
+    ],
+)
 def test_sigma_list_timesteps_equal_diffusers(kind, schedule, rescale):
     """Karras / Lu / exponential / beta timesteps go through a float32 replica of diffusers' alphas_cumprod:
     equal for these n (float64 arrays would be one unit off for 25-100% of n)."""
@@ -309,13 +369,21 @@ def test_sigma_list_timesteps_equal_diffusers(kind, schedule, rescale):
         np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-3 if big else 1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw,n", [({"timestep_spacing": "leading", "steps_offset": 1}, 999),
-                                  ({"timestep_spacing": "leading"}, 1000), ({"lambda_min_clipped": 100.0}, 10)])
+@pytest.mark.parametrize(
+    "kw,n",
+    [
+        ({"timestep_spacing": "leading", "steps_offset": 1}, 999),
+        ({"timestep_spacing": "leading"}, 1000),
+        ({"lambda_min_clipped": 100.0}, 10),
+    ],
+)
 def test_sigma_lists_ignore_the_spacing(kw, n):
     """With Karras sigmas the spaced timesteps are unused (diffusers computes and drops them), so spacings that
     are refused on their own (test_degenerate_schedules_refused) are fine here."""
-    ours, theirs = Ours(use_karras_sigmas=True, **kw), diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True,
-                                                                                             **kw)
+    ours, theirs = (
+        Ours(use_karras_sigmas=True, **kw),
+        diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, **kw),
+    )
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
     np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
@@ -328,8 +396,10 @@ def test_sigma_lists_ignore_the_spacing(kw, n):
 def test_sigma_list_timesteps_every_n(kind, schedule, rescale):
     """n = 1 .. 1000 (every 3rd; 11th for beta): equal for >= 97% of n; otherwise one timestep is one unit
     off (torch's float32 linspace / sqrt rounding, which the replica cannot replay)."""
-    ours, theirs = _pair({"beta_schedule": schedule, "rescale_betas_zero_snr": rescale, "sigmas": kind},
-                         diffusers.DPMSolverMultistepScheduler)
+    ours, theirs = _pair(
+        {"beta_schedule": schedule, "rescale_betas_zero_snr": rescale, "sigmas": kind},
+        diffusers.DPMSolverMultistepScheduler,
+    )
     ns = range(1, 1001, 3 if kind != "beta" else 11)
     mismatched = 0
     for n in ns:
@@ -345,19 +415,20 @@ def test_float32_replica_of_diffusers_alphas_cumprod():
     for schedule, rescale in itertools.product(DIFFUSERS_SCHEDULES, [False, True]):
         kw = {"beta_schedule": schedule, "rescale_betas_zero_snr": rescale}
         ours, theirs = Ours(**kw), diffusers.DPMSolverMultistepScheduler(**kw)
-        rep = diffusers_float32_alphas_cumprod(ours._raw_betas, rescale)
+        rep = ours._alphas_cumprod_f32()
         ref = theirs.alphas_cumprod.numpy()
         assert rep.dtype == np.float32
-        if schedule == "squaredcos_cap_v2" and not rescale:
-            np.testing.assert_array_equal(rep, ref)  # same float32 betas: bit-identical
+        if not rescale:  # torch's float32 linspace replayed, or the same float32 betas: bit-identical
+            np.testing.assert_array_equal(rep, ref)
+        if schedule == "squaredcos_cap_v2":  # betas from Python floats: the replica is their float32 cast
+            np.testing.assert_array_equal(diffusers_float32_alphas_cumprod(ours._raw_betas, rescale), rep)
         np.testing.assert_allclose(rep, ref, rtol=5e-5)
         # our float64 schedule is the exact one; diffusers' float32 one is within the documented 1e-4
         np.testing.assert_allclose(ours.alphas_cumprod, ref, rtol=1e-4 if not rescale else 2e-4, atol=1e-7)
 
 
 def test_trailing_extra_timestep_minus_one_as_diffusers():
-    ours, theirs = Ours(timestep_spacing="trailing"), diffusers.DPMSolverMultistepScheduler(
-        timestep_spacing="trailing")
+    ours, theirs = Ours(timestep_spacing="trailing"), diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
     err = run_parity(ours, theirs, 61)
     assert ours.timesteps[-1] == -1 and len(ours.timesteps) == 62 and ours.num_inference_steps == 62
     assert ours.sigmas[-2] == pytest.approx(np.sqrt((1 - ours.alphas_cumprod[0]) / ours.alphas_cumprod[0]))
@@ -434,8 +505,10 @@ def test_sde_noise_with_generator_lists_matches_diffusers(algo):
 
 
 def test_sde_variance_noise_matches_diffusers():
-    ours, theirs = Ours(algorithm_type="sde-dpmsolver++"), diffusers.DPMSolverMultistepScheduler(
-        algorithm_type="sde-dpmsolver++")
+    ours, theirs = (
+        Ours(algorithm_type="sde-dpmsolver++"),
+        diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+    )
     ours.set_timesteps(5)
     theirs.set_timesteps(5)
     x = TorchGenerator(0).randn((1, 3, 8, 8))
@@ -443,8 +516,9 @@ def test_sde_variance_noise_matches_diffusers():
     noise = TorchGenerator(9).randn((5, 1, 3, 8, 8))
     for i, t in enumerate(ours.timesteps):
         x = ours.step(fake_model(x, float(t)), t, x, variance_noise=noise[i]).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(y.numpy(), float(t))), t, y,
-                        variance_noise=torch.from_numpy(noise[i])).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(y.numpy(), float(t))), t, y, variance_noise=torch.from_numpy(noise[i])
+        ).prev_sample
     assert rel_err(x, y) <= 1e-4
 
 
@@ -465,8 +539,9 @@ def test_repeated_final_sigma_is_exact_where_diffusers_is_nan(kind, solver_type,
     """final_sigmas_type="sigma_min" repeats the last sigma of these lists (h = 0 at the last step, PR #6477's
     sigma_min). diffusers' heun / third-order update is NaN there; ours returns the sample unchanged (the
     h -> 0 limit, which is also what diffusers' midpoint second-order update gives). Steps before agree."""
-    cfg = dict(DEFAULTS, sigmas=kind, final_sigmas_type="sigma_min", solver_type=solver_type, solver_order=order,
-               steps=20)
+    cfg = dict(
+        DEFAULTS, sigmas=kind, final_sigmas_type="sigma_min", solver_type=solver_type, solver_order=order, steps=20
+    )
     ours, theirs = _pair(cfg)
     a = _loop(ours, 20, TorchGenerator(0).randn((2, 3, 8, 8)))
     b = _loop(theirs, 20, torch.from_numpy(TorchGenerator(0).randn((2, 3, 8, 8))), torch_side=True)
@@ -480,8 +555,10 @@ def test_karras_sigma_min_midpoint_repeats_last_sigma_like_diffusers():
     """Current diffusers (after PR #6477): Karras + dpmsolver++ ends at sigma_min with "sigma_min" (a final
     no-op step) and at 0 with "zero"; both match diffusers."""
     for final in ("sigma_min", "zero"):
-        ours, theirs = Ours(use_karras_sigmas=True, final_sigmas_type=final), \
-            diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, final_sigmas_type=final)
+        ours, theirs = (
+            Ours(use_karras_sigmas=True, final_sigmas_type=final),
+            diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, final_sigmas_type=final),
+        )
         assert run_parity(ours, theirs, 20) <= 1e-4
         np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-4)
         assert (ours.sigmas[-1] == ours.sigmas[-2]) == (final == "sigma_min")
@@ -491,8 +568,7 @@ def test_repeated_first_timestep_starts_at_index_zero():
     """Non-rounded Karras timesteps of squaredcos_cap_v2 + zero terminal SNR start 998, 998, 998, ...:
     diffusers' lookup takes the second 998, skips sigma_max and raises IndexError at the last step; ours
     starts at 0, as diffusers does when told set_begin_index(0)."""
-    cfg = dict(DEFAULTS, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, sigmas="karras",
-               steps=10)
+    cfg = dict(DEFAULTS, beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, sigmas="karras", steps=10)
     ours, _ = _pair(cfg)
     ours.set_timesteps(10)
     assert ours.timesteps[0] == ours.timesteps[1]
@@ -507,8 +583,9 @@ def test_repeated_first_timestep_starts_at_index_zero():
 def test_sde_dpmsolver_third_order_refused():
     with pytest.raises(ValueError, match="solver_order=3"):
         Ours(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
-    theirs = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
-                                                   final_sigmas_type="sigma_min", lower_order_final=False)
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False
+    )
     with pytest.raises(UnboundLocalError):
         _loop(theirs, 5, torch.zeros((1, 3, 4, 4)), torch_side=True)
 
@@ -538,8 +615,12 @@ def test_deis_and_unipc_aliases(tmp_path):
 def test_learned_variance_uses_the_first_c_channels(channels, pt, algo):
     """variance_type set and a 2C-channel output: the first C channels are the prediction. diffusers takes
     [:, :3] (right for 3 channels, with epsilon only; other cases crash or mis-broadcast there)."""
-    kw = {"variance_type": "learned_range", "prediction_type": pt, "algorithm_type": algo,
-          "final_sigmas_type": "sigma_min" if algo == "dpmsolver" else "zero"}
+    kw = {
+        "variance_type": "learned_range",
+        "prediction_type": pt,
+        "algorithm_type": algo,
+        "final_sigmas_type": "sigma_min" if algo == "dpmsolver" else "zero",
+    }
     shape = (2, channels, 8, 8)
     x = TorchGenerator(0).randn(shape)
     a = _loop(Ours(**kw), 7, x, out_channels=2 * channels)
@@ -567,9 +648,12 @@ def test_add_noise_as_diffusers_after_set_timesteps():
         # begin index rule: every entry uses the begin index (img2img), then the current step index
         ours.set_begin_index(3)
         theirs.set_begin_index(3)
-        np.testing.assert_allclose(ours.add_noise(x0, noise, ts),
-                                   theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
-                                                    torch.from_numpy(ts)).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            ours.add_noise(x0, noise, ts),
+            theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(ts)).numpy(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
         fresh = Ours(**kw)
         fresh.set_timesteps(10)
         with pytest.raises(ValueError, match="not one of"):
@@ -654,8 +738,9 @@ def test_dtypes_and_outputs(dtype):
     assert rel_err(x.astype(np.float32), ref) <= (5e-3 if dtype == np.float16 else 1e-5)
     assert out.pred_original_sample.dtype == dtype
     s.set_timesteps(2)
-    res = s.step(np.zeros((1, 3, 4, 4), np.float32), s.timesteps[0], np.ones((1, 3, 4, 4), np.float32),
-                 return_dict=False)
+    res = s.step(
+        np.zeros((1, 3, 4, 4), np.float32), s.timesteps[0], np.ones((1, 3, 4, 4), np.float32), return_dict=False
+    )
     assert isinstance(res, tuple) and len(res) == 1  # (prev_sample,) as diffusers
 
 
@@ -693,25 +778,48 @@ def test_step_is_much_cheaper_than_diffusers():
 
 
 # -- config --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    {},
-    {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "prediction_type": "v_prediction",
-     "solver_order": 3, "timestep_spacing": "trailing"},
-    {"beta_schedule": "cosine", "lambda_min_clipped": -5.1, "final_sigmas_type": "sigma_min", "solver_type": "heun"},
-    {"beta_schedule": "sigmoid", "rescale_betas_zero_snr": True, "timestep_spacing": "leading", "steps_offset": 1,
-     "prediction_type": "v_prediction", "thresholding": True, "use_lu_lambdas": True},
-], ids=["default", "sde-karras", "ours-cosine", "sigmoid-zsnr-lu"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {
+            "algorithm_type": "sde-dpmsolver++",
+            "use_karras_sigmas": True,
+            "prediction_type": "v_prediction",
+            "solver_order": 3,
+            "timestep_spacing": "trailing",
+        },
+        {
+            "beta_schedule": "cosine",
+            "lambda_min_clipped": -5.1,
+            "final_sigmas_type": "sigma_min",
+            "solver_type": "heun",
+        },
+        {
+            "beta_schedule": "sigmoid",
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+            "prediction_type": "v_prediction",
+            "thresholding": True,
+            "use_lu_lambdas": True,
+        },
+    ],
+    ids=["default", "sde-karras", "ours-cosine", "sigmoid-zsnr-lu"],
+)
 def test_config_round_trip_through_diffusers(kw, tmp_path):
     ours = Ours(**kw)
     path = ours.save_config(tmp_path)
     data = json.loads(path.read_text())
     assert data["_class_name"] == "DPMSolverMultistepScheduler"
-    assert ("trained_betas" in data and data["trained_betas"] is not None) == \
-        (kw.get("beta_schedule", "linear") not in DIFFUSERS_SCHEDULES)
+    assert ("trained_betas" in data and data["trained_betas"] is not None) == (
+        kw.get("beta_schedule", "linear") not in DIFFUSERS_SCHEDULES
+    )
     theirs = FromStart.from_pretrained(tmp_path)
     back = Ours.from_config(tmp_path)
-    assert {k: v for k, v in back.config.items() if k != "trained_betas"} == \
-        {k: v for k, v in ours.config.items() if k != "trained_betas"}
+    assert {k: v for k, v in back.config.items() if k != "trained_betas"} == {
+        k: v for k, v in ours.config.items() if k != "trained_betas"
+    }
     np.testing.assert_allclose(back.alphas_cumprod, ours.alphas_cumprod, rtol=1e-12)
     tol = tolerance({"algorithm_type": ours.config["algorithm_type"]}, ours)
     assert run_parity(back, theirs, 10) <= tol
@@ -723,8 +831,17 @@ def test_config_round_trip_through_diffusers(kw, tmp_path):
     assert run_parity(again, FromStart.from_pretrained(tmp_path / "d"), 7) <= tol
 
 
-@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",
-                                 "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "EulerDiscreteScheduler",
+        "UniPCMultistepScheduler",
+        "HeunDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+    ],
+)
 def test_other_diffusers_configs_load_like_diffusers(cls, tmp_path):
     """A bundle's scheduler_config.json of another class: diffusers' DPMSolverMultistepScheduler.from_pretrained
     keeps the file's shared values (e.g. DDPM's leading spacing); so does ours, without warnings."""
@@ -753,27 +870,30 @@ def test_diffusers_beta_schedules_attribute():
 
 
 # -- validation ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,match", [
-    ({"algorithm_type": "dpm"}, "algorithm_type"),
-    ({"solver_type": "euler"}, "solver_type"),
-    ({"solver_order": 0}, "solver_order"),
-    ({"solver_order": 4}, "solver_order"),
-    ({"solver_order": True}, "solver_order"),
-    ({"final_sigmas_type": "min"}, "final_sigmas_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"prediction_type": "flow_prediction"}, "flow"),
-    ({"use_flow_sigmas": True}, "flow"),
-    ({"variance_type": "learnt"}, "variance_type"),
-    ({"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
-    ({"algorithm_type": "sde-dpmsolver"}, "final_sigmas_type"),
-    ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
-    ({"beta_schedule": "cosin"}, "beta_schedule"),
-    ({"steps_offset": -1}, "steps_offset"),
-    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
-    ({"sample_max_value": 0}, "sample_max_value"),
-    ({"lambda_min_clipped": float("nan")}, "lambda_min_clipped"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"algorithm_type": "dpm"}, "algorithm_type"),
+        ({"solver_type": "euler"}, "solver_type"),
+        ({"solver_order": 0}, "solver_order"),
+        ({"solver_order": 4}, "solver_order"),
+        ({"solver_order": True}, "solver_order"),
+        ({"final_sigmas_type": "min"}, "final_sigmas_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"prediction_type": "flow_prediction"}, "flow"),
+        ({"use_flow_sigmas": True}, "flow"),
+        ({"variance_type": "learnt"}, "variance_type"),
+        ({"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
+        ({"algorithm_type": "sde-dpmsolver"}, "final_sigmas_type"),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
+        ({"beta_schedule": "cosin"}, "beta_schedule"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
+        ({"sample_max_value": 0}, "sample_max_value"),
+        ({"lambda_min_clipped": float("nan")}, "lambda_min_clipped"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         Ours(**kwargs)
@@ -786,12 +906,15 @@ def test_bad_num_inference_steps(n):
         Ours().set_timesteps(n)
 
 
-@pytest.mark.parametrize("kw,n,match", [
-    ({}, 1000, "repeated timesteps"),  # linspace: diffusers NaN
-    ({"timestep_spacing": "leading"}, 1000, "repeated timesteps"),  # diffusers IndexError
-    ({"timestep_spacing": "leading", "steps_offset": 1}, 999, "outside"),  # diffusers feeds t = 1000
-    ({"lambda_min_clipped": 100.0}, 5, "outside"),  # clips every timestep
-])
+@pytest.mark.parametrize(
+    "kw,n,match",
+    [
+        ({}, 1000, "repeated timesteps"),  # linspace: diffusers NaN
+        ({"timestep_spacing": "leading"}, 1000, "repeated timesteps"),  # diffusers IndexError
+        ({"timestep_spacing": "leading", "steps_offset": 1}, 999, "outside"),  # diffusers feeds t = 1000
+        ({"lambda_min_clipped": 100.0}, 5, "outside"),  # clips every timestep
+    ],
+)
 def test_degenerate_schedules_refused(kw, n, match):
     with pytest.raises(ValueError, match=match):
         Ours(**kw).set_timesteps(n)

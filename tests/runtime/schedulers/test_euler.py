@@ -19,9 +19,9 @@ from _sigma_parity import sample_tolerance, schedule_extremes, timestep_atol
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
-from deploy_diff.runtime.schedulers._sigma_common import beta_ppf, betainc
 from deploy_diff.runtime.schedulers.base import SchedulerOutput
 from deploy_diff.runtime.schedulers.euler import EulerDiscreteScheduler
+from deploy_diff.runtime.schedulers.sigmas import beta_ppf, betainc
 
 STEPS = [1, 2, 7, 10, 50]
 CHURN = {
@@ -29,8 +29,12 @@ CHURN = {
     "churn": {"s_churn": 1.0},
     "window": {"s_churn": 0.8, "s_tmin": 0.05, "s_tmax": 5.0, "s_noise": 1.003},
 }
-CONVERSIONS = {None: {}, "karras": {"use_karras_sigmas": True}, "exp": {"use_exponential_sigmas": True},
-               "beta": {"use_beta_sigmas": True}}
+CONVERSIONS = {
+    None: {},
+    "karras": {"use_karras_sigmas": True},
+    "exp": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+}
 
 SPACE = {
     # cosine and karras are ours (saved for diffusers as trained_betas)
@@ -57,8 +61,19 @@ def _valid(case):
 
 
 def _config(case):
-    cfg = {k: case[k] for k in ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
-                                "interpolation_type", "timestep_type", "final_sigmas_type", "rescale_betas_zero_snr")}
+    cfg = {
+        k: case[k]
+        for k in (
+            "beta_schedule",
+            "prediction_type",
+            "timestep_spacing",
+            "steps_offset",
+            "interpolation_type",
+            "timestep_type",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+        )
+    }
     cfg.update(CONVERSIONS[case["sigmas"]])
     return cfg
 
@@ -75,8 +90,9 @@ def _run_case(case):
     ours, theirs = _pair(cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*scale_model_input")  # it is called: no warning expected
-        err = run_parity(ours, theirs, case["steps"], step_kwargs=CHURN[case["churn"]],
-                         timestep_atol=timestep_atol(cfg, ours))
+        err = run_parity(
+            ours, theirs, case["steps"], step_kwargs=CHURN[case["churn"]], timestep_atol=timestep_atol(cfg, ours)
+        )
     assert err <= sample_tolerance(ours), (case_id(case), err)
     return err
 
@@ -147,8 +163,7 @@ def test_beta_ppf_without_scipy_equals_scipy():
 
 @pytest.mark.parametrize("kind", ["timesteps", "sigmas"])
 def test_custom_timesteps_and_sigmas(kind):
-    custom = {"timesteps": [999.0, 800.5, 500.0, 250.0, 3.0],
-              "sigmas": [14.0, 6.5, 2.0, 0.7, 0.1, 0.0]}[kind]
+    custom = {"timesteps": [999.0, 800.5, 500.0, 250.0, 3.0], "sigmas": [14.0, 6.5, 2.0, 0.7, 0.1, 0.0]}[kind]
     ours, theirs = EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
     ours.set_timesteps(**{kind: custom})
     theirs.set_timesteps(**{kind: custom})
@@ -158,8 +173,9 @@ def test_custom_timesteps_and_sigmas(kind):
     y = torch.from_numpy(x.copy())
     for to, tt in zip(ours.timesteps, theirs.timesteps):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt,
-                        y).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
+        ).prev_sample
         assert rel_err(x, y) <= 1e-4
 
 
@@ -171,8 +187,9 @@ def test_churn_noise_is_drawn_only_where_gamma_is_positive():
     g = TorchGenerator(3)
     x = TorchGenerator(0).randn((1, 3, 8, 8)) * np.float32(s.init_noise_sigma)
     for t in s.timesteps:
-        x = s.step(fake_model(s.scale_model_input(x, t), float(t)), t, x, s_churn=2.0, s_tmin=1e4,
-                   generator=g).prev_sample
+        x = s.step(
+            fake_model(s.scale_model_input(x, t), float(t)), t, x, s_churn=2.0, s_tmin=1e4, generator=g
+        ).prev_sample
     np.testing.assert_array_equal(g.randn((4,)), TorchGenerator(3).randn((4,)))
     # ... and with the window covering some steps, exactly those draw (parity with diffusers' generator)
     theirs = diffusers.EulerDiscreteScheduler()
@@ -192,8 +209,9 @@ def _churn_run_with_offset_seed(kw):
     worst = 0.0
     for to, tt in zip(ours.timesteps, theirs.timesteps):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x, generator=go, **kw).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y,
-                        generator=gt, **kw).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y, generator=gt, **kw
+        ).prev_sample
         worst = max(worst, rel_err(x, y))
     return worst
 
@@ -207,8 +225,13 @@ def test_churn_with_generator_list_matches_diffusers():
     ours.scale_model_input(x, to)
     theirs.scale_model_input(torch.from_numpy(x), tt)
     a = ours.step(x * 0.1, to, x, s_churn=2.0, generator=[TorchGenerator(3), TorchGenerator(4)]).prev_sample
-    b = theirs.step(torch.from_numpy(x * 0.1), tt, torch.from_numpy(x), s_churn=2.0,
-                    generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).prev_sample
+    b = theirs.step(
+        torch.from_numpy(x * 0.1),
+        tt,
+        torch.from_numpy(x),
+        s_churn=2.0,
+        generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)],
+    ).prev_sample
     assert rel_err(a, b) <= 1e-5
 
 
@@ -227,8 +250,13 @@ def test_pred_original_sample_equals_diffusers_with_churn(prediction_type):
             a = SchedulerOutput(*ours.step(mo, to, x, s_churn=2.0, generator=go, return_dict=False))
         else:
             a = ours.step(mo, to, x, s_churn=2.0, generator=go)
-        b = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y,
-                        s_churn=2.0, generator=gt)
+        b = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))),
+            tt,
+            y,
+            s_churn=2.0,
+            generator=gt,
+        )
         assert rel_err(a.pred_original_sample, b.pred_original_sample) <= 1e-4
         x, y = a.prev_sample, b.prev_sample
     assert ours.step_index == theirs.step_index == 8
@@ -268,14 +296,15 @@ def test_img2img_start_mid_schedule_matches_diffusers():
     theirs.set_begin_index(start)
     x0 = TorchGenerator(0).randn((2, 3, 8, 8))
     noise = TorchGenerator(1).randn((2, 3, 8, 8))
-    t0 = ours.timesteps[start:start + 1]
+    t0 = ours.timesteps[start : start + 1]
     x = ours.add_noise(x0, noise, t0)
-    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start:start + 1])
+    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start : start + 1])
     assert rel_err(x, y) <= 1e-6
     for to, tt in zip(ours.timesteps[start:], theirs.timesteps[start:]):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt,
-                        y).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
+        ).prev_sample
         assert rel_err(x, y) <= 1e-4
 
 
@@ -330,9 +359,17 @@ def test_dtypes_follow_diffusers():
 
 # -- config -------------------------------------------------------------------------------------------------
 def test_config_round_trip_through_diffusers(tmp_path):
-    ours = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  prediction_type="v_prediction", use_karras_sigmas=True, timestep_spacing="leading",
-                                  steps_offset=1, final_sigmas_type="sigma_min", sigma_min=0.03)
+    ours = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        use_karras_sigmas=True,
+        timestep_spacing="leading",
+        steps_offset=1,
+        final_sigmas_type="sigma_min",
+        sigma_min=0.03,
+    )
     ours.save_config(tmp_path)
     theirs = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path)
     assert run_parity(EulerDiscreteScheduler.from_config(tmp_path), theirs, 10, timestep_atol=2e-2) <= 1e-4
@@ -351,19 +388,22 @@ def test_non_diffusers_schedule_saved_as_trained_betas(tmp_path):
     assert run_parity(EulerDiscreteScheduler.from_config(tmp_path), theirs, 10) <= 1e-4
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"beta_schedule": "cosin"}, "beta_schedule"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"interpolation_type": "cubic"}, "interpolation_type"),
-    ({"timestep_type": "edm"}, "timestep_type"),
-    ({"final_sigmas_type": "one"}, "final_sigmas_type"),
-    ({"steps_offset": -1}, "steps_offset"),
-    ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
-    ({"sigma_min": 0.0}, "sigma_min"),
-    ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
-    ({"sigma_max": float("inf")}, "sigma_max"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_schedule": "cosin"}, "beta_schedule"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"interpolation_type": "cubic"}, "interpolation_type"),
+        ({"timestep_type": "edm"}, "timestep_type"),
+        ({"final_sigmas_type": "one"}, "final_sigmas_type"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
+        ({"sigma_min": 0.0}, "sigma_min"),
+        ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ({"sigma_max": float("inf")}, "sigma_max"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         EulerDiscreteScheduler(**kwargs)

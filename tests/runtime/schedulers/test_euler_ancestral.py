@@ -83,8 +83,9 @@ def test_one_noise_draw_per_step_including_the_last():
     y = torch.from_numpy(x.copy())
     for to, tt in zip(ours.timesteps, theirs.timesteps):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x, generator=go).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y,
-                        generator=gt).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y, generator=gt
+        ).prev_sample
     np.testing.assert_allclose(go.randn((5,)), torch.randn((5,), generator=gt).numpy(), atol=1e-6)
     ref = TorchGenerator(9)
     for _ in range(n):
@@ -103,8 +104,9 @@ def test_generator_list_matches_diffusers():
     gt = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
     for to, tt in zip(ours.timesteps, theirs.timesteps):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x, generator=go).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y,
-                        generator=gt).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y, generator=gt
+        ).prev_sample
         assert rel_err(x, y) <= 1e-4
 
 
@@ -171,8 +173,14 @@ def test_set_timesteps_resets_state_and_repeats_exactly():
 
 
 def test_config_round_trip_through_diffusers(tmp_path):
-    ours = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                           prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1)
+    ours = EulerAncestralDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
     ours.save_config(tmp_path)
     theirs = diffusers.EulerAncestralDiscreteScheduler.from_pretrained(tmp_path)
     assert run_parity(EulerAncestralDiscreteScheduler.from_config(tmp_path), theirs, 10) <= 1e-4
@@ -183,12 +191,15 @@ def test_config_round_trip_through_diffusers(tmp_path):
     assert back.config == ours.config
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"beta_schedule": "cosin"}, "beta_schedule"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"steps_offset": -1}, "steps_offset"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_schedule": "cosin"}, "beta_schedule"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"steps_offset": -1}, "steps_offset"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EulerAncestralDiscreteScheduler(**kwargs)
@@ -230,6 +241,7 @@ def test_step_is_much_cheaper_than_diffusers():
             best = min(best, time.perf_counter() - t0)
         return best / n
 
-    ratio = (per_step(EulerAncestralDiscreteScheduler(), x, TorchGenerator(0))
-             / per_step(diffusers.EulerAncestralDiscreteScheduler(), torch.from_numpy(x), torch.Generator()))
+    ratio = per_step(EulerAncestralDiscreteScheduler(), x, TorchGenerator(0)) / per_step(
+        diffusers.EulerAncestralDiscreteScheduler(), torch.from_numpy(x), torch.Generator()
+    )
     assert ratio < 0.5, ratio  # noise generation in NumPy dominates ours; measured ~0.3-0.4

@@ -30,8 +30,12 @@ from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.heun import HeunDiscreteScheduler
 
 STEPS = [1, 2, 7, 10, 50]
-CONVERSIONS = {None: {}, "karras": {"use_karras_sigmas": True}, "exp": {"use_exponential_sigmas": True},
-               "beta": {"use_beta_sigmas": True}}
+CONVERSIONS = {
+    None: {},
+    "karras": {"use_karras_sigmas": True},
+    "exp": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+}
 SPACE = {
     # karras is ours (saved for diffusers as trained_betas); exp is diffusers' (Heun only)
     "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2", "exp", "karras"],
@@ -54,8 +58,7 @@ def _valid(case):
 
 
 def _config(case):
-    cfg = {k: case[k] for k in ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset",
-                                "clip_sample")}
+    cfg = {k: case[k] for k in ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample")}
     cfg.update(CONVERSIONS[case["sigmas"]])
     return cfg
 
@@ -176,8 +179,10 @@ def test_converted_sigmas_and_their_timesteps(conversion, n):
 
 
 def test_state_machine_follows_diffusers_call_by_call():
-    ours, theirs = HeunDiscreteScheduler(prediction_type="v_prediction"), diffusers.HeunDiscreteScheduler(
-        prediction_type="v_prediction")
+    ours, theirs = (
+        HeunDiscreteScheduler(prediction_type="v_prediction"),
+        diffusers.HeunDiscreteScheduler(prediction_type="v_prediction"),
+    )
     ours.set_timesteps(5)
     theirs.set_timesteps(5)
     x = TorchGenerator(0).randn((2, 3, 8, 8)) * np.float32(ours.init_noise_sigma)
@@ -221,13 +226,14 @@ def test_start_mid_schedule_takes_the_second_of_repeated_timesteps():
     start = 4
     x0 = TorchGenerator(0).randn((2, 3, 8, 8))
     noise = TorchGenerator(1).randn((2, 3, 8, 8))
-    x = ours.add_noise(x0, noise, ours.timesteps[start:start + 1])
-    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start:start + 1])
+    x = ours.add_noise(x0, noise, ours.timesteps[start : start + 1])
+    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start : start + 1])
     assert rel_err(x, y) <= 1e-6
     for to, tt in zip(ours.timesteps[start:], theirs.timesteps[start:]):
         x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt,
-                        y).prev_sample
+        y = theirs.step(
+            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
+        ).prev_sample
         assert rel_err(x, y) <= 1e-4
 
 
@@ -249,13 +255,18 @@ def test_custom_timesteps_equal_diffusers():
 
 
 def test_config_round_trip_through_diffusers(tmp_path):
-    ours = HeunDiscreteScheduler(beta_schedule="exp", prediction_type="v_prediction", use_karras_sigmas=True,
-                                 timestep_spacing="trailing")
+    ours = HeunDiscreteScheduler(
+        beta_schedule="exp", prediction_type="v_prediction", use_karras_sigmas=True, timestep_spacing="trailing"
+    )
     ours.save_config(tmp_path)
     assert json.loads((tmp_path / "scheduler_config.json").read_text())["trained_betas"] is None  # exp by name
     theirs = diffusers.HeunDiscreteScheduler.from_pretrained(tmp_path)
-    assert run_parity(NoGenerator(HeunDiscreteScheduler.from_config(tmp_path)), NoGenerator(theirs), 10,
-                      timestep_atol=2e-2) <= 1e-4
+    assert (
+        run_parity(
+            NoGenerator(HeunDiscreteScheduler.from_config(tmp_path)), NoGenerator(theirs), 10, timestep_atol=2e-2
+        )
+        <= 1e-4
+    )
     theirs.save_config(tmp_path / "d")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -263,14 +274,17 @@ def test_config_round_trip_through_diffusers(tmp_path):
     assert back.config == ours.config
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"beta_schedule": "cosin"}, "beta_schedule"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"steps_offset": -1}, "steps_offset"),
-    ({"clip_sample_range": 0.0}, "clip_sample_range"),
-    ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_schedule": "cosin"}, "beta_schedule"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"clip_sample_range": 0.0}, "clip_sample_range"),
+        ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HeunDiscreteScheduler(**kwargs)

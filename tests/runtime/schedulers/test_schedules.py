@@ -46,8 +46,9 @@ def _reference_betas(name, T, b0=1e-4, b1=0.02):
 
 
 @pytest.mark.parametrize("T", [10, 1000, 37])
-@pytest.mark.parametrize("name", ["linear", "scaled_linear", "quadratic", "sigmoid", "iddpm_linear",
-                                  "squaredcos_cap_v2", "cosine", "karras"])
+@pytest.mark.parametrize(
+    "name", ["linear", "scaled_linear", "quadratic", "sigmoid", "iddpm_linear", "squaredcos_cap_v2", "cosine", "karras"]
+)
 def test_betas_equal_independent_float64(name, T):
     if name == "iddpm_linear" and T == 10:
         with pytest.raises(ValueError, match="scales beta_end to 2"):  # 0.02 * 1000 / 10 >= 1
@@ -68,8 +69,9 @@ def test_diffusers_names_mean_what_diffusers_means(name):
 
 @pytest.mark.parametrize("kind", ["laplace", "exp"])
 def test_alpha_bar_transforms_match_diffusers(kind):
-    np.testing.assert_allclose(get_betas(kind, 1000), d_betas_for_alpha_bar(1000, alpha_transform_type=kind).numpy(),
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        get_betas(kind, 1000), d_betas_for_alpha_bar(1000, alpha_transform_type=kind).numpy(), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_quadratic_is_scaled_linear_and_iddpm_linear_is_not():

@@ -21,7 +21,8 @@ import torch
 from _parity import _pattern, fake_model, rel_err, run_parity
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
-from deploy_diff.runtime.schedulers.unipc import UniPCMultistepScheduler, _torch_linspace_f32
+from deploy_diff.runtime.schedulers.sigmas import torch_linspace_f32
+from deploy_diff.runtime.schedulers.unipc import UniPCMultistepScheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
@@ -162,8 +163,18 @@ def _normalise(case: dict) -> dict:
 
 def _configs(case: dict) -> tuple[dict, dict]:
     """(our kwargs, diffusers' kwargs) of a case; our non-diffusers schedules reach diffusers as trained_betas."""
-    kw = {k: case[k] for k in ("prediction_type", "solver_type", "solver_order", "predict_x0", "lower_order_final",
-                               "final_sigmas_type", "rescale_betas_zero_snr")}
+    kw = {
+        k: case[k]
+        for k in (
+            "prediction_type",
+            "solver_type",
+            "solver_order",
+            "predict_x0",
+            "lower_order_final",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+        )
+    }
     kw["thresholding"] = bool(case["thresholding"])
     if case["thresholding"] == "dynamic":
         kw.update(sample_max_value=2.5, dynamic_thresholding_ratio=0.9)
@@ -264,14 +275,20 @@ def test_last_step_limits_are_exercised():
 def test_timesteps_equal_diffusers(schedule, ramp):
     """Integer timesteps equal diffusers' exactly, Karras/exponential/beta ones included (float32 mirror)."""
     ours_kw = {"beta_schedule": schedule, **SCHEDULE_KW.get(schedule, {})}
-    theirs_kw = dict(ours_kw) if schedule in DIFFUSERS_SCHEDULES else {
-        "trained_betas": UniPCMultistepScheduler(**ours_kw)._raw_betas.tolist()}
+    theirs_kw = (
+        dict(ours_kw)
+        if schedule in DIFFUSERS_SCHEDULES
+        else {"trained_betas": UniPCMultistepScheduler(**ours_kw)._raw_betas.tolist()}
+    )
     spacings = (("linspace", 0), ("leading", 0), ("leading", 1), ("trailing", 0))
     variants = [{"timestep_spacing": s, "steps_offset": o} for s, o in spacings]
     if ramp != "spacing":
         variants = [{ramp: True}]
-    ns = [1, 2, 3, 7, 10, 50, 99, 250, 999] if ramp == "use_beta_sigmas" else list(range(1, 41)) + [
-        50, 61, 97, 100, 250, 333, 500, 999]
+    ns = (
+        [1, 2, 3, 7, 10, 50, 99, 250, 999]
+        if ramp == "use_beta_sigmas"
+        else list(range(1, 41)) + [50, 61, 97, 100, 250, 333, 500, 999]
+    )
     for extra in variants:
         ours = UniPCMultistepScheduler(**ours_kw, **extra)
         theirs = diffusers.UniPCMultistepScheduler(**theirs_kw, **extra)
@@ -287,8 +304,9 @@ def test_timesteps_equal_diffusers(schedule, ramp):
             if ramp == "spacing":
                 # compared as abar = 1 / (1 + sigma^2): diffusers' float32 1 - abar has few digits near t = 0
                 # (1e-3 relative in sigma for squaredcos_cap_v2), its abar is good to float32 resolution
-                np.testing.assert_allclose(1 / (1 + ours.sigmas**2),
-                                           1 / (1 + theirs.sigmas.numpy().astype(np.float64) ** 2), rtol=0, atol=1e-6)
+                np.testing.assert_allclose(
+                    1 / (1 + ours.sigmas**2), 1 / (1 + theirs.sigmas.numpy().astype(np.float64) ** 2), rtol=0, atol=1e-6
+                )
             else:
                 # a ramp spreads the float32 error of its end point sigma_min (2.6e-4 for squaredcos_cap_v2)
                 np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=5e-4, atol=0)
@@ -308,20 +326,24 @@ def test_timesteps_zero_snr_ramps(ramp, schedule):
 
 
 def test_float32_mirror_equals_diffusers_alphas_cumprod():
-    for kw in [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-               {"beta_schedule": "squaredcos_cap_v2"}, {"num_train_timesteps": 500, "beta_end": 0.03},
-               {"num_train_timesteps": 2000, "beta_schedule": "scaled_linear"}]:
+    for kw in [
+        {},
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"num_train_timesteps": 500, "beta_end": 0.03},
+        {"num_train_timesteps": 2000, "beta_schedule": "scaled_linear"},
+    ]:
         ours = UniPCMultistepScheduler(**kw)
-        np.testing.assert_array_equal(ours._alphas_cumprod_f32(), diffusers.UniPCMultistepScheduler(**kw)
-                                      .alphas_cumprod.numpy(), err_msg=str(kw))
+        np.testing.assert_array_equal(
+            ours._alphas_cumprod_f32(), diffusers.UniPCMultistepScheduler(**kw).alphas_cumprod.numpy(), err_msg=str(kw)
+        )
     for n, (a, b) in itertools.product([1, 2, 7, 1000, 1001], [(1e-4, 0.02), (0.3, 0.05)]):
-        np.testing.assert_array_equal(_torch_linspace_f32(a, b, n),
-                                      torch.linspace(a, b, n, dtype=torch.float32).numpy())
+        np.testing.assert_array_equal(torch_linspace_f32(a, b, n), torch.linspace(a, b, n, dtype=torch.float32).numpy())
 
 
 def test_karras_timesteps_through_float64_would_differ():
     """Why the float32 mirror exists: float64 sigmas move some Karras timesteps by one."""
-    from deploy_diff.runtime.schedulers.base import sigma_to_t
+    from deploy_diff.runtime.schedulers.sigmas import sigma_to_t
 
     moved = 0
     for kw in [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}]:
@@ -337,12 +359,16 @@ def test_karras_timesteps_through_float64_would_differ():
 
 
 # -- the multistep state machine ------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    {"solver_order": 3, "disable_corrector": [0, 2]},
-    {"solver_order": 2, "lower_order_final": False, "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
-    {"solver_order": 3, "predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"},
-    {"solver_order": 1, "timestep_spacing": "trailing"},
-], ids=["o3-dc02", "o2-nolof-karras", "o3-eps-bh1-v", "o1-trailing"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"solver_order": 3, "disable_corrector": [0, 2]},
+        {"solver_order": 2, "lower_order_final": False, "final_sigmas_type": "sigma_min", "use_karras_sigmas": True},
+        {"solver_order": 3, "predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"},
+        {"solver_order": 1, "timestep_spacing": "trailing"},
+    ],
+    ids=["o3-dc02", "o2-nolof-karras", "o3-eps-bh1-v", "o1-trailing"],
+)
 def test_state_machine_follows_diffusers(kw):
     n = 9
     ours, theirs = UniPCMultistepScheduler(**kw), diffusers.UniPCMultistepScheduler(**kw)
@@ -360,8 +386,9 @@ def test_state_machine_follows_diffusers(kw):
         assert ours.step_index == theirs.step_index == i + 1
         assert ours.lower_order_nums == theirs.lower_order_nums
         assert ours.this_order == theirs.this_order
-        assert [None if t is None else int(t) for t in ours.timestep_list] == \
-               [None if t is None else int(t) for t in theirs.timestep_list]
+        assert [None if t is None else int(t) for t in ours.timestep_list] == [
+            None if t is None else int(t) for t in theirs.timestep_list
+        ]
         assert rel_err(ours.last_sample, theirs.last_sample) < 1e-4
         for mo, mt in zip(ours.model_outputs, theirs.model_outputs):
             assert (mo is None) == (mt is None)
@@ -444,12 +471,16 @@ def test_first_step_at_repeated_first_timestep_starts_at_zero():
 
 
 # -- documented limits ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    {"solver_type": "bh1"},
-    {"predict_x0": False},
-    {"predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"},
-    {"lower_order_final": False, "solver_order": 3},
-], ids=["bh1", "eps", "eps-bh1-v", "o3-nolof"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"solver_type": "bh1"},
+        {"predict_x0": False},
+        {"predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"},
+        {"lower_order_final": False, "solver_order": 3},
+    ],
+    ids=["bh1", "eps", "eps-bh1-v", "o3-nolof"],
+)
 def test_last_step_into_zero_sigma_is_the_limit(kw):
     """Into sigma = 0 ours gives x_0 (the limit). Checked against diffusers with the final sigma set to 1e-7
     instead of 0 and a first-order last step, where its arithmetic is finite."""
@@ -481,8 +512,9 @@ def test_last_step_into_zero_sigma_is_the_limit(kw):
 
 def test_zero_length_last_step_is_identity():
     """Karras + final_sigmas_type='sigma_min': the last step has h = 0 and returns the corrected sample."""
-    s = UniPCMultistepScheduler(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_order=3,
-                                lower_order_final=False)
+    s = UniPCMultistepScheduler(
+        use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_order=3, lower_order_final=False
+    )
     s.set_timesteps(6)
     assert s.sigmas[-1] == s.sigmas[-2]
     x = np.random.default_rng(3).standard_normal((1, 3, 4, 4)).astype(np.float32)
@@ -492,13 +524,17 @@ def test_zero_length_last_step_is_identity():
 
 
 # -- flow sigmas ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,set_kw", [
-    ({"use_dynamic_shifting": True}, {"mu": 0.8}),
-    ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 1.5}),
-    ({"shift_terminal": 0.1, "flow_shift": 2.0}, {}),
-    ({"final_sigmas_type": "sigma_min", "flow_shift": 5.0, "solver_order": 3}, {}),
-    ({}, {"sigmas": np.array([1.0, 0.8, 0.55, 0.3, 0.1])}),
-], ids=["dyn-exp", "dyn-linear", "terminal", "sigma_min-o3", "custom"])
+@pytest.mark.parametrize(
+    "kw,set_kw",
+    [
+        ({"use_dynamic_shifting": True}, {"mu": 0.8}),
+        ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 1.5}),
+        ({"shift_terminal": 0.1, "flow_shift": 2.0}, {}),
+        ({"final_sigmas_type": "sigma_min", "flow_shift": 5.0, "solver_order": 3}, {}),
+        ({}, {"sigmas": np.array([1.0, 0.8, 0.55, 0.3, 0.1])}),
+    ],
+    ids=["dyn-exp", "dyn-linear", "terminal", "sigma_min-o3", "custom"],
+)
 def test_flow_parity(kw, set_kw):
     kw = dict(kw, use_flow_sigmas=True, prediction_type="flow_prediction")
     ours, theirs = UniPCMultistepScheduler(**kw), diffusers.UniPCMultistepScheduler(**kw)
@@ -556,28 +592,19 @@ def test_step_api():
     assert s.step(np.zeros_like(x64), s.timesteps[0], x64).prev_sample.dtype == np.float64
 
 
-def test_fast_thresholding_equals_base():
-    from deploy_diff.runtime.schedulers.base import BaseScheduler
-
-    rng = np.random.default_rng(8)
-    for smv, ratio in [(1.0, 0.995), (2.5, 0.9), (10.0, 0.995), (3.0, 1.0)]:
-        s = UniPCMultistepScheduler(thresholding=True, sample_max_value=smv, dynamic_thresholding_ratio=ratio)
-        for shape, scale in [((2, 3, 8, 8), 3.0), ((1, 4, 16, 16), 0.5), ((3, 1, 5, 7), 6.0)]:
-            for dtype in (np.float32, np.float64):
-                x = (rng.standard_normal(shape) * scale).astype(dtype)
-                got, want = s._threshold_sample(x), BaseScheduler._threshold_sample(s, x)
-                assert got.dtype == dtype
-                np.testing.assert_array_equal(got, want)
-
-
-def test_beta_sigmas_without_scipy_raise_clearly(monkeypatch):
+def test_beta_sigmas_need_no_scipy(monkeypatch):
+    """use_beta_sigmas works with scipy unimportable (the runtime does not install it) and gives the timesteps
+    it gives with scipy present."""
     import sys
 
+    with_scipy = UniPCMultistepScheduler(use_beta_sigmas=True)
+    with_scipy.set_timesteps(7)
     monkeypatch.setitem(sys.modules, "scipy", None)
     monkeypatch.setitem(sys.modules, "scipy.stats", None)
-    with pytest.raises(ImportError, match="use_beta_sigmas"):
-        UniPCMultistepScheduler(use_beta_sigmas=True)
-    UniPCMultistepScheduler(use_karras_sigmas=True).set_timesteps(5)  # nothing else needs scipy
+    s = UniPCMultistepScheduler(use_beta_sigmas=True)
+    s.set_timesteps(7)
+    np.testing.assert_array_equal(s.timesteps, with_scipy.timesteps)
+    np.testing.assert_array_equal(s.sigmas, with_scipy.sigmas)
 
 
 def test_solver_type_alias_maps_to_bh2_like_diffusers():
@@ -587,12 +614,22 @@ def test_solver_type_alias_maps_to_bh2_like_diffusers():
 
 
 # -- configs ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [
-    {"solver_order": 3, "solver_type": "bh1", "use_karras_sigmas": True, "timestep_spacing": "trailing"},
-    {"beta_schedule": "sigmoid", "prediction_type": "v_prediction", "disable_corrector": [0, 1]},
-    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "final_sigmas_type": "sigma_min",
-     "timestep_spacing": "leading", "steps_offset": 1},
-], ids=["karras-bh1", "sigmoid-trained-betas", "sd-like"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"solver_order": 3, "solver_type": "bh1", "use_karras_sigmas": True, "timestep_spacing": "trailing"},
+        {"beta_schedule": "sigmoid", "prediction_type": "v_prediction", "disable_corrector": [0, 1]},
+        {
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "final_sigmas_type": "sigma_min",
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+        },
+    ],
+    ids=["karras-bh1", "sigmoid-trained-betas", "sd-like"],
+)
 def test_save_config_loads_in_diffusers(tmp_path, kw):
     ours = UniPCMultistepScheduler(**kw)
     ours.save_config(tmp_path)
@@ -605,8 +642,9 @@ def test_save_config_loads_in_diffusers(tmp_path, kw):
 
 
 def test_diffusers_config_loads_in_ours(tmp_path):
-    theirs = diffusers.UniPCMultistepScheduler(solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction",
-                                               disable_corrector=[1])
+    theirs = diffusers.UniPCMultistepScheduler(
+        solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction", disable_corrector=[1]
+    )
     theirs.save_config(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -630,42 +668,48 @@ def test_ddpm_bundle_config_keeps_leading_spacing(tmp_path):
 
 
 # -- validation -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,match", [
-    ({"solver_order": 0}, "solver_order"),
-    ({"solver_order": 4}, "solver_order"),
-    ({"solver_type": "heunish"}, "solver_type"),
-    ({"final_sigmas_type": "one"}, "final_sigmas_type"),
-    ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-    ({"prediction_type": "noise"}, "prediction_type"),
-    ({"beta_schedule": "nope"}, "beta_schedule"),
-    ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
-    ({"use_flow_sigmas": True, "use_beta_sigmas": True}, "use_flow_sigmas"),
-    ({"solver_p": object()}, "solver_p"),
-    ({"shift_terminal": 0.1}, "shift_terminal"),
-    ({"prediction_type": "flow_prediction", "predict_x0": False}, "flow_prediction"),
-    ({"disable_corrector": "01"}, "disable_corrector"),
-    ({"time_shift_type": "cubic"}, "time_shift_type"),
-    ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
-    ({"steps_offset": -1}, "steps_offset"),
-    ({"dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio"),
-    ({"flow_shift": 0.0}, "flow_shift"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"solver_order": 0}, "solver_order"),
+        ({"solver_order": 4}, "solver_order"),
+        ({"solver_type": "heunish"}, "solver_type"),
+        ({"final_sigmas_type": "one"}, "final_sigmas_type"),
+        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"beta_schedule": "nope"}, "beta_schedule"),
+        ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
+        ({"use_flow_sigmas": True, "use_beta_sigmas": True}, "use_flow_sigmas"),
+        ({"solver_p": object()}, "solver_p"),
+        ({"shift_terminal": 0.1}, "shift_terminal"),
+        ({"prediction_type": "flow_prediction", "predict_x0": False}, "flow_prediction"),
+        ({"disable_corrector": "01"}, "disable_corrector"),
+        ({"time_shift_type": "cubic"}, "time_shift_type"),
+        ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ({"steps_offset": -1}, "steps_offset"),
+        ({"dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio"),
+        ({"flow_shift": 0.0}, "flow_shift"),
+    ],
+)
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
         UniPCMultistepScheduler(**kw)
 
 
-@pytest.mark.parametrize("kw,n,set_kw,match", [
-    ({}, 0, {}, "num_inference_steps"),
-    ({}, 1001, {}, "num_inference_steps"),
-    ({}, 2.5, {}, "num_inference_steps"),
-    ({"timestep_spacing": "linspace"}, 1000, {}, "repeats a sigma"),
-    ({"timestep_spacing": "leading"}, 1000, {}, "repeats a sigma"),
-    ({"timestep_spacing": "leading", "steps_offset": 1}, 999, {}, "steps_offset"),
-    ({}, None, {"sigmas": [0.9, 0.5]}, "use_flow_sigmas"),
-    ({"use_flow_sigmas": True}, None, {"sigmas": [1.5, 0.5]}, "custom flow sigmas"),
-    ({"use_flow_sigmas": True, "use_dynamic_shifting": True}, 10, {}, "mu"),
-])
+@pytest.mark.parametrize(
+    "kw,n,set_kw,match",
+    [
+        ({}, 0, {}, "num_inference_steps"),
+        ({}, 1001, {}, "num_inference_steps"),
+        ({}, 2.5, {}, "num_inference_steps"),
+        ({"timestep_spacing": "linspace"}, 1000, {}, "repeats a sigma"),
+        ({"timestep_spacing": "leading"}, 1000, {}, "repeats a sigma"),
+        ({"timestep_spacing": "leading", "steps_offset": 1}, 999, {}, "steps_offset"),
+        ({}, None, {"sigmas": [0.9, 0.5]}, "use_flow_sigmas"),
+        ({"use_flow_sigmas": True}, None, {"sigmas": [1.5, 0.5]}, "custom flow sigmas"),
+        ({"use_flow_sigmas": True, "use_dynamic_shifting": True}, 10, {}, "mu"),
+    ],
+)
 def test_bad_set_timesteps_raises(kw, n, set_kw, match):
     s = UniPCMultistepScheduler(**kw)
     with pytest.raises(ValueError, match=match):
