@@ -1,7 +1,7 @@
 """Tolerances shared by the Euler / Euler ancestral / Heun parity tests (sigma-space schedulers).
 
 diffusers keeps its schedule in float32, so its own arrays are inexact where the schedule is extreme
-(DESIGN.md, "Known pitfalls"):
+(docs/parity.md):
 
 * sigma_max > 1e3 (squaredcos_cap_v2, zero terminal SNR, our `cosine`): the first steps cancel a sample of
   size ~4 sigma_max, so float32 rounding alone is ~1e-2 at sigma_max ~ 2e4, and proportionally more above

@@ -16,7 +16,7 @@ STEPS = [1, 2, 7, 10, 50]
 
 
 def tolerance(cfg):
-    # diffusers' float32 schedule arrays are ~1e-3 off where abar_T is tiny (DESIGN.md)
+    # diffusers' float32 schedule arrays are ~1e-3 off where abar_T is tiny (docs/parity.md)
     return 1e-2 if cfg.get("beta_schedule") == "squaredcos_cap_v2" or cfg.get("rescale_betas_zero_snr") else 1e-4
 
 

@@ -21,7 +21,6 @@ from _sweep import case_id, cross_product, run_sweep, sample_cases
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.base import SchedulerOutput
 from deploy_diff.runtime.schedulers.euler import EulerDiscreteScheduler
-from deploy_diff.runtime.schedulers.sigmas import beta_ppf, betainc
 
 STEPS = [1, 2, 7, 10, 50]
 CHURN = {
@@ -150,15 +149,6 @@ def test_zero_snr_clamp_and_karras_top_timestep_like_diffusers():
     assert ours.sigmas[0] == pytest.approx(4096, rel=1e-6)
     assert float(theirs.timesteps[0]) < 996
     np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), atol=1e-2)
-
-
-def test_beta_ppf_without_scipy_equals_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    q = np.concatenate([[0.0, 1e-9, 1e-6, 0.5, 1 - 1e-6, 1.0], np.linspace(0, 1, 101)])
-    for a, b in [(0.6, 0.6), (2.0, 5.0), (0.5, 3.0)]:
-        np.testing.assert_allclose(beta_ppf(q, a, b), scipy_stats.beta.ppf(q, a, b), atol=1e-12)
-        x = np.linspace(0, 1, 57)
-        np.testing.assert_allclose(betainc(a, b, x), scipy_stats.beta.cdf(x, a, b), atol=1e-13)
 
 
 @pytest.mark.parametrize("kind", ["timesteps", "sigmas"])

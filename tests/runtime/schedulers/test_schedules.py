@@ -33,7 +33,7 @@ def _reference_betas(name, T, b0=1e-4, b1=0.02):
     if name == "squaredcos_cap_v2":
         f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         return [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
-    if name == "cosine":  # the seed's cosine, literally
+    if name == "cosine":  # the DDPM/DDIM reference formulation's cosine, literally
         f = [math.cos(((x / T) + 0.008) / 1.008 * math.pi * 0.5) ** 2 for x in range(T + 1)]
         f = [v / f[0] for v in f]
         return [min(max(1 - f[i + 1] / f[i], 1e-4), 0.9999) for i in range(T)]
