@@ -61,9 +61,6 @@ class SigmaSchedulerMixin(StepIndexMixin):
     sigma after the final step) in ``__init__`` and ``set_timesteps`` and then calls ``_reset_state()``.
     """
 
-    _needs_positive_sigma_min = True
-    _clamps_zero_snr = True
-
     timesteps: np.ndarray
     sigmas: np.ndarray
     config: Any

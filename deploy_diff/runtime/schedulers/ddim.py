@@ -12,34 +12,18 @@ from .base import BaseScheduler, SchedulerOutput, register_to_config
 class DDIMScheduler(BaseScheduler):
     """diffusers' ``DDIMScheduler`` in NumPy (same constructor arguments and defaults).
 
-    Where this differs from diffusers, on purpose: the previous timestep is the *next entry of*
-    ``timesteps`` (then ``final_alpha_cumprod``), not ``t - T // n``. The two agree for ``leading`` spacing
-    and for ``trailing`` when n divides T; diffusers' rule is wrong for ``linspace`` and for ``trailing``
-    otherwise (diffusers #11347, #12633), and with ``leading``, ``steps_offset=1`` and 500 < n < 1000
-    diffusers' last step uses ``alphas_cumprod[0]`` (n = 1000 raises IndexError) where ours uses
-    ``final_alpha_cumprod``. With eta > 0 on a zero-terminal-SNR schedule the direction coefficient
-    ``1 - abar_prev - sigma^2`` (which rounds to -1e-16) is clamped at 0 instead of giving NaN.
+    The previous timestep is the *next entry of* ``timesteps`` (then ``final_alpha_cumprod``), not diffusers'
+    ``t - T // n``: the two agree for ``leading`` spacing and for ``trailing`` when n divides T. This and the
+    other deliberate differences (eta > 0 on a zero-terminal-SNR schedule, zero betas): see docs/parity.md.
     """
 
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        clip_sample: bool = True,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        rescale_betas_zero_snr: bool = False,
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
+                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):  # fmt: skip
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import numpy as np
 
@@ -53,96 +52,33 @@ class DPMSolverMultistepScheduler(StepIndexMixin, BaseScheduler):
     x_0, ``"dpmsolver"`` / ``"sde-dpmsolver"`` with the noise prediction (both deprecated in diffusers); the
     SDE variants draw one noise array of the sample's shape (float32) at *every* step, in diffusers' order.
     Multistep state (previous model outputs, lower-order counter, step index) is reset by
-    ``set_timesteps``; ``step`` follows diffusers' step-index rule (the first call looks its timestep up,
-    later calls advance), so repeated Karras timesteps are fine.
+    ``set_timesteps``; the step index follows the rule of :class:`.step_index.StepIndexMixin`.
 
     Numerics: sigmas, alphas and lambdas are float64 from the float64 schedule; every step's coefficients
     are Python floats (the phi-functions through ``expm1`` and series, exact in the limit h -> 0), so a
-    float32 sample stays float32. The *timesteps* of ``use_karras_sigmas`` / ``use_lu_lambdas`` /
-    ``use_exponential_sigmas`` / ``use_beta_sigmas`` and the ``lambda_min_clipped`` cut are integers that
-    diffusers decides through its float32 arrays: they are computed through a float32 replica of diffusers'
-    ``alphas_cumprod`` (see :func:`diffusers_float32_alphas_cumprod`). That makes them equal to diffusers'
-    for 97-100% of n (n = 1 .. 1000 on linear / scaled_linear / squaredcos_cap_v2, with and without zero
-    terminal SNR: all of them for squaredcos_cap_v2, 98.5% for scaled_linear with zero terminal SNR); the
-    rest differ by one unit at one timestep, from torch's float32 ``linspace`` / ``sqrt`` rounding, which
-    NumPy cannot replay. Through float64 arrays 11-100% of n would be one unit off.
-    The sigma *values* stay float64 (diffusers': float32, so agreement is ~1e-5 relative, ~1e-3 where
-    sigma_max > 1e3).
+    float32 sample stays float32. The integer timesteps of Karras / Lu / exponential / beta sigmas and the
+    ``lambda_min_clipped`` cut go through diffusers' float32 ``alphas_cumprod`` (replayed by
+    :func:`.sigmas.diffusers_float32_alphas_cumprod`), so they equal diffusers'.
 
-    Where this differs from diffusers, on purpose:
-
-    * Repeated noise levels. ``final_sigmas_type="sigma_min"`` after Karras / Lu / exponential / beta
-      sigmas repeats the last sigma (h = 0 at the last step), and ``trailing``'s occasional extra timestep
-      -1 (e.g. n = 61, kept as diffusers keeps it) has the sigma of t = 0, a repeat where 0 is in the list
-      too (e.g. n = 769). A step with h = 0 returns the
-      sample unchanged (the exact limit, which diffusers' midpoint update also gives), and a multistep
-      update whose previous output sits at the same noise level drops to the order that does not use it.
-      diffusers returns NaN there with ``solver_type="heun"`` or third order (or the step after, at second
-      order) when the step is not lowered (n >= 15, ``euler_at_final=False``).
-    * Spacings that repeat *timesteps* (``linspace``/``leading`` with n >= the last usable timestep, e.g.
-      n = T; diffusers: NaN or IndexError), timesteps outside [0, T) (``leading`` with ``steps_offset`` at
-      n = T - 1, where diffusers feeds t = T to the model, or a ``lambda_min_clipped`` that cuts
-      everything), or a step from sigma = 0 raise ValueError in ``set_timesteps``.
-    * A repeated *first* timestep (non-rounded Karras / exponential / beta timesteps where sigma_max >> 1,
-      e.g. squaredcos_cap_v2 with zero terminal SNR) starts the loop at index 0; diffusers' lookup takes
-      the second occurrence, skips the first sigma and raises IndexError at the last step.
-    * ``sde-dpmsolver`` with ``solver_order=3`` raises ValueError at construction (diffusers has no
-      third-order SDE-DPM-Solver update and fails with UnboundLocalError at the third step).
-    * ``algorithm_type="deis"`` (a DEIS config) is mapped to ``dpmsolver++`` *before* the
-      ``final_sigmas_type`` check, so it works with the default ``"zero"`` (diffusers raises).
-    * Learned variance (``variance_type`` set, model output of 2C channels): the first C channels are the
-      prediction (diffusers takes ``[:, :3]``, right only for 3 channels, and crashes for ``sample`` /
-      ``v_prediction``). ``solver_order`` and ``variance_type`` are validated (diffusers does not); DDPM's
-      fixed variance types are accepted (a DDPM bundle's config) and mean a plain C-channel output.
-    * ``step`` / ``add_noise`` with a timestep that is not in ``timesteps`` raise ValueError (diffusers
-      silently uses the last step). ``add_noise`` before ``set_timesteps`` uses the training schedule
-      (diffusers pairs timestep t with the sigma of T - 1 - t there).
-    * Custom ``timesteps`` must be strictly descending integers in [0, T) (diffusers takes any list).
-    * ``step`` also returns ``pred_original_sample`` (x_0; diffusers returns none); with
-      ``return_dict=False`` it returns ``(prev_sample,)`` as diffusers. float16 inputs are computed in
-      float32 (diffusers keeps the converted model outputs in float16).
-    * Flow matching (``use_flow_sigmas``, ``prediction_type="flow_prediction"``, dynamic shifting with
-      ``mu``) is not supported by this runtime: ValueError.
+    ``step`` also returns ``pred_original_sample`` (x_0); ``return_dict=False`` returns ``(prev_sample,)``.
+    Flow matching (``use_flow_sigmas``, ``prediction_type="flow_prediction"``) is refused with ValueError.
+    Deliberate differences from diffusers (repeated noise levels, refused degenerate spacings, learned
+    variance channels, ``deis`` aliasing, ``add_noise`` before ``set_timesteps``): see docs/parity.md.
     """
 
-    _needs_positive_sigma_min = True
-    _clamps_zero_snr = True
-
-    order: ClassVar[int] = 1
-    _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_lu_lambdas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        final_sigmas_type: str = "zero",
-        lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
+                 lower_order_final: bool = True, euler_at_final: bool = False, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_lu_lambdas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+                 final_sigmas_type: str = "zero", lambda_min_clipped: float = -float("inf"),
+                 variance_type: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):  # fmt: skip
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )

@@ -33,54 +33,19 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     ``timestep_type="continuous"`` and v_prediction the timesteps are 0.25 * log(sigma); with
     ``rescale_betas_zero_snr`` the last alphas_cumprod is clamped to 2**-24 (sigma_max ~ 4096).
 
-    Where this differs from diffusers, on purpose:
-
-    * Karras / exponential / beta sigmas are mapped back to timesteps through float64 alphas_cumprod where
-      diffusers uses float32 ones, so those timesteps differ by diffusers' rounding: up to ~1e-2 on the
-      usual schedules, ~0.1 where sigma_max > 1e3 (squaredcos_cap_v2, zero terminal SNR), ~0.16 with
-      sigma_min < 5e-3. The comparison that decides the bracket of each sigma is done on float32 log sigmas
-      like diffusers', so the zero-SNR clamp (log sigma non-monotonic at the top of ``linear``) maps
-      sigma_max to the same t = 995.26. All other timesteps are bit-identical.
-    * ``use_beta_sigmas`` needs no scipy (a NumPy inverse incomplete beta function, equal to scipy's to
-      ~1e-15).
-    * ``sigma_min`` / ``sigma_max`` must be finite and > 0 with sigma_min < sigma_max (diffusers' last step
-      divides by a zero sigma and returns NaN with ``sigma_min=0``); custom ``sigmas`` must be > 0 before
-      the last one; ``s_churn`` must be >= 0.
-    * With v_prediction the step uses the slope (x - x_0) / sigma_hat in closed form, avoiding diffusers'
-      float32 cancellation in x - x_0 (same values, less rounding).
-    * ``step`` keeps a float64 sample in float64 (diffusers computes in float32); float16 is upcast to
-      float32 like diffusers and the result cast to the model output's dtype.
-    * A timestep that is not in ``timesteps``, or a step past the last one, raises ValueError (diffusers:
-      IndexError). The "call scale_model_input first" warning is re-armed by every ``set_timesteps``.
-    * ``get_velocity`` is the base class's v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x_0 at the train
-      timestep t; diffusers' Euler version indexes alphas_cumprod by the *position* of t in the inference
-      schedule instead of by t.
+    ``step`` keeps a float64 sample in float64; float16 is upcast to float32 like diffusers. Deliberate
+    differences from diffusers (Karras / exponential / beta timesteps through float64 ``alphas_cumprod``, the
+    closed-form slope, option checks, ``get_velocity``): see docs/parity.md.
     """
 
-    _diffusers_beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
-    order = 1
-
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        interpolation_type: str = "linear",
-        use_karras_sigmas: bool | None = False,
-        use_exponential_sigmas: bool | None = False,
-        use_beta_sigmas: bool | None = False,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        timestep_spacing: str = "linspace",
-        timestep_type: str = "discrete",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        final_sigmas_type: str = "zero",
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 interpolation_type: str = "linear", use_karras_sigmas: bool | None = False,
+                 use_exponential_sigmas: bool | None = False, use_beta_sigmas: bool | None = False,
+                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 timestep_spacing: str = "linspace", timestep_type: str = "discrete", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False, final_sigmas_type: str = "zero"):  # fmt: skip
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )

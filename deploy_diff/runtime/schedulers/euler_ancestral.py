@@ -21,36 +21,16 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     ``timesteps`` are float32 (fractional for ``linspace``), ``sigmas`` float64[len(timesteps) + 1].
 
     As in diffusers, ``rescale_betas_zero_snr`` clamps the last alphas_cumprod to 2**-24 (sigma_max ~ 4096),
-    and ``trailing`` spacing can give n + 1 timesteps (n = 61 with T = 1000: the last is -1).
-
-    Where this differs from diffusers, on purpose:
-
-    * ``prediction_type="sample"`` works (x_0 is the model output); diffusers raises NotImplementedError.
-    * sigma_down is computed as sigma_next^2 / sigma and sigma_up as sigma_next * sqrt(1 - sigma_next^2 /
-      sigma^2) clamped at 0 (the same numbers; diffusers' sqrt(sigma_next^2 - sigma_up^2) can round below 0);
-      with v_prediction the slope (x - x_0) / sigma is used in closed form (less float32 cancellation).
-    * ``step`` keeps a float64 sample in float64 (diffusers computes in float32); float16 is upcast to
-      float32 like diffusers and the result cast to the model output's dtype.
-    * A timestep that is not in ``timesteps``, or a step past the last one, raises ValueError (diffusers:
-      IndexError). The "call scale_model_input first" warning is re-armed by every ``set_timesteps``.
+    and ``trailing`` spacing can give n + 1 timesteps (n = 61 with T = 1000: the last is -1). Deliberate
+    differences from diffusers (``prediction_type="sample"`` works, the sigma_down / sigma_up arithmetic,
+    float64 samples stay float64): see docs/parity.md.
     """
 
-    _diffusers_beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
-    order = 1
-
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 rescale_betas_zero_snr: bool = False):  # fmt: skip
         self._init_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )

@@ -22,42 +22,22 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
     sample; the next call (the model evaluated at s_{i+1}) is the second-order correction that restarts
     from the stored sample with the mean of both slopes. The last step, from s_{n-1} to 0, is first order
     only (the state then stays "second order" until ``set_timesteps`` resets it, as in diffusers).
-    ``state_in_first_order`` tells which kind the next step is.
+    ``state_in_first_order`` tells which kind the next step is. Like diffusers, ``step`` takes no
+    ``generator`` (Heun is deterministic).
 
-    Where this differs from diffusers, on purpose:
-
-    * Karras / exponential / beta sigmas are mapped back to timesteps through float64 alphas_cumprod where
-      diffusers uses float32 ones, so those timesteps differ by diffusers' rounding (up to ~1e-2 on the
-      usual schedules, ~0.06 on ``squaredcos_cap_v2``); all other timesteps are bit-identical.
-    * ``use_beta_sigmas`` needs no scipy (a NumPy inverse incomplete beta function).
-    * Without ``clip_sample`` the slope (x - x_0) / sigma is formed in closed form for epsilon and
-      v_prediction, avoiding the float32 cancellation in x - x_0 that the second-order step amplifies by
-      sigma_i / sigma_{i+1}. With few steps that factor is large (~900 for 2 steps on the default schedule,
-      ~3e6 on ``squaredcos_cap_v2``), and float32 results, diffusers' included, are only as good as it allows.
-    * A timestep that is not in ``timesteps``, or a step past the last one, raises ValueError (diffusers:
-      IndexError). Like diffusers, ``step`` takes no ``generator`` (Heun is deterministic).
+    Deliberate differences from diffusers (Karras / exponential / beta timesteps through float64
+    ``alphas_cumprod``, the closed-form slope without ``clip_sample``): see docs/parity.md.
     """
 
     _diffusers_beta_schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
     order = 2
 
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0):  # fmt: skip
         self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self._validate_common()
         check_sigma_options(self.config)

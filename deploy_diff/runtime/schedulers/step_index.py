@@ -8,7 +8,7 @@ fix the start with ``set_begin_index`` (img2img). One rule decides the lookup fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,6 +25,11 @@ class StepIndexMixin:
       ``timesteps[0]`` occurs once; where it repeats (a repeated first sigma), diffusers' lookup starts at
       index 1, skips the first sigma and fails with IndexError at the last step (see docs/parity.md).
     """
+
+    #: its users are the sigma-space schedulers: they take log(sigma), so they refuse a schedule with sigma = 0 at
+    #: t = 0, and they clamp a zero-SNR schedule's last alphas_cumprod to 2**-24 as diffusers' do (BaseScheduler)
+    _needs_positive_sigma_min: ClassVar[bool] = True
+    _clamps_zero_snr: ClassVar[bool] = True
 
     timesteps: np.ndarray
     _step_index: int | None

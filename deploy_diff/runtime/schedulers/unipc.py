@@ -9,7 +9,6 @@ Both are B(h) updates in log-SNR time lambda = log(alpha) - log(sigma) on the da
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import numpy as np
 
@@ -60,108 +59,34 @@ class UniPCMultistepScheduler(StepIndexMixin, BaseScheduler):
     ``solver_order`` steps, oldest first), ``timestep_list``, ``lower_order_nums`` (warm-up counter),
     ``this_order`` (the predictor order of the last step, which is the order of the next step's corrector),
     ``last_sample`` (the corrected sample the last predictor started from), ``step_index`` and
-    ``begin_index``. ``set_timesteps`` resets all of it.
+    ``begin_index`` (the rule of :class:`.step_index.StepIndexMixin`). ``set_timesteps`` resets all of it.
 
     Schedule arrays (``sigmas``, ``alphas_cumprod``, ``alpha_t``, ``sigma_t``, ``lambda_t``) are float64 and the
-    per-step coefficients are Python floats, so a float32 sample stays float32. diffusers keeps float32 arrays;
-    trajectories agree within 1e-4 (1e-2 where sigma at the first timestep exceeds 1e3, i.e.
-    ``squaredcos_cap_v2`` or ``rescale_betas_zero_snr``, where diffusers' own float32 rounding is that large).
-    Where float32 is ill-conditioned the two can differ by more, and then diffusers' float32 result is itself
-    that far from a float64 evaluation of its own algorithm while ours is as close or closer (tested):
-    ``predict_x0=False`` with ``sample`` or ``v_prediction`` (x_0 is turned into epsilon and back, cancelling
-    terms of size sigma_max or 1/sigma_min), flow sigmas starting at 1 - 1e-6 (diffusers' float32
-    alpha = 1 - sigma is 1% off there), and ``final_sigmas_type="sigma_min"`` on schedules whose sigma at
-    t = 0 is tiny (diffusers' float32 1 - abar_0 holds it to ~1e-3 only).
+    per-step coefficients are Python floats, so a float32 sample stays float32 (diffusers keeps float32
+    arrays). Timesteps equal diffusers', also for Karras / exponential / beta sigmas, which diffusers maps back
+    to timesteps through its float32 ``alphas_cumprod``: they are computed through a replica of it
+    (:func:`.sigmas.diffusers_float32_alphas_cumprod`); the sigmas the solver steps with stay float64.
 
-    Timesteps equal diffusers', also for ``use_karras_sigmas``, ``use_exponential_sigmas`` and
-    ``use_beta_sigmas``: diffusers maps those sigmas back to timesteps through its *float32*
-    ``alphas_cumprod`` and rounds (Karras) or truncates (exponential, beta) the result, so float64 arrays
-    move some timesteps by one (130 of 600 Karras schedules with n = 1..200 on three beta schedules). The
-    timesteps are therefore computed from a float32 mirror of diffusers' schedule (torch's float32
-    ``linspace``, its float64-accumulated ``cumprod``), bit-exact for every beta schedule without
-    ``rescale_betas_zero_snr``. With it, diffusers' float32 ``sqrt`` (MKL, not correctly rounded) cannot be
-    mirrored bit for bit, so a ramp's timestep may in rare cases differ by one (none seen in the tests). The
-    sigmas the solver steps with stay float64.
-
-    Where this differs from diffusers, on purpose:
-
-    * A step *into* sigma = 0 (the last step with ``final_sigmas_type="zero"``) is computed as its limit
-      sigma -> 0 in closed form, with a first-order predictor: the result is the data prediction x_0.
-      diffusers evaluates ``-inf * 0`` there and returns NaN for ``solver_type="bh1"``, for
-      ``predict_x0=False``, and for any predictor order > 1 (``lower_order_final=False``), where the
-      log-SNR ratios r_k = (lambda_k - lambda_s0) / h vanish and the higher-order terms diverge (order 3
-      raises a singular-matrix error). For ``predict_x0=True, solver_type="bh2"`` with a first-order last
-      step (the default) both give x_0 exactly.
-    * A step with h = 0 (the last step with ``final_sigmas_type="sigma_min"`` when the last sigma already is
-      sigma_min: Karras/exponential/beta/flow sigmas, or ``trailing`` spacing ending at t = 0) returns the
-      sample unchanged, the limit h -> 0; diffusers gets the same for orders 1-2 and NaN for order 3.
-    * The first ``step`` (no ``begin_index``) starts at index 0 when it is given ``timesteps[0]``. diffusers
-      starts at the *second* index holding a repeated timestep, which with Karras/exponential/beta sigmas on
-      ``squaredcos_cap_v2`` (whose first timesteps all round to 999) skips the first sigma, diverges and
-      crashes at the last step. Repeated timesteps elsewhere keep diffusers' rule.
-    * Schedules that repeat a sigma inside the inference schedule (``linspace``/``leading`` with
-      num_inference_steps = num_train_timesteps, which give NaN or an AssertionError in diffusers) and
-      ``leading`` spacing whose ``steps_offset`` pushes a timestep to num_train_timesteps or beyond (diffusers
-      clamps its sigma silently) raise ValueError.
-    * ``add_noise`` before ``set_timesteps`` uses ``alphas_cumprod[t]``; diffusers looks t up in its initial
-      descending ``timesteps`` and so uses the sigma of timestep T - 1 - t. After ``set_timesteps`` it uses
-      the inference sigma of t, as diffusers does, but raises ValueError for a t that is not in ``timesteps``
-      (diffusers silently uses the last sigma). ``step`` likewise refuses a first timestep not in the schedule.
-    * ``solver_p`` (another scheduler as the predictor) is refused with ValueError: it cannot be stored in
-      ``scheduler_config.json``. ``use_flow_sigmas`` together with exponential or beta sigmas (VP sigmas > 1
-      used as flow sigmas: NaN in diffusers) is refused too, as is ``prediction_type="flow_prediction"`` with
-      ``predict_x0=False`` (diffusers raises at the first step instead of at construction).
-    * ``solver_order`` is limited to 1-3.
-
-    Kept as diffusers although odd: ``trailing`` spacing can give n + 1 timesteps, the last one -1 (for
-    example n = 61 with T = 1000, where ``np.arange`` rounds up), whose sigma is sigma at t = 0;
-    ``num_inference_steps`` is then n + 1.
-
-    ``step`` returns ``SchedulerOutput(prev_sample, pred_original_sample)`` (diffusers gives no
-    ``pred_original_sample``) and accepts ``generator=`` (ignored: UniPC is deterministic) so that every
-    scheduler of this package is driven the same way. ``return_dict=False`` gives ``(prev_sample,)`` as
-    diffusers does. ``use_beta_sigmas`` needs no scipy (a NumPy inverse incomplete beta function).
+    ``step`` returns ``SchedulerOutput(prev_sample, pred_original_sample)`` and accepts ``generator=`` (ignored:
+    UniPC is deterministic) so that every scheduler of this package is driven the same way;
+    ``return_dict=False`` gives ``(prev_sample,)`` as diffusers does. ``use_beta_sigmas`` needs no scipy.
+    Deliberate differences from diffusers (the limits of a step into sigma = 0 or with h = 0, refused
+    degenerate schedules and ``solver_p``, ``add_noise`` before ``set_timesteps``): see docs/parity.md.
     """
 
-    _needs_positive_sigma_min = True
-    _clamps_zero_snr = True
-
-    order: ClassVar[int] = 1
-    _diffusers_beta_schedules: ClassVar[tuple[str, ...]] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
     @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas=None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        predict_x0: bool = True,
-        solver_type: str = "bh2",
-        lower_order_final: bool = True,
-        disable_corrector: list[int] = [],  # noqa: B006  (diffusers' default, never mutated)
-        solver_p=None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        final_sigmas_type: str = "zero",
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        shift_terminal: float | None = None,
-    ):
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, solver_order: int = 2,
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 predict_x0: bool = True, solver_type: str = "bh2", lower_order_final: bool = True,
+                 disable_corrector: list[int] = [],  # noqa: B006  (diffusers' default, never mutated)
+                 solver_p=None, use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False,
+                 use_beta_sigmas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0, final_sigmas_type: str = "zero",
+                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential", sigma_min: float | None = None,
+                 sigma_max: float | None = None, shift_terminal: float | None = None):  # fmt: skip
         self._validate(
             solver_order=solver_order,
             prediction_type=prediction_type,
