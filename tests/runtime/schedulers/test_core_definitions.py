@@ -107,3 +107,11 @@ def test_the_counting_sees_definitions():
     """The walk finds what it looks for (a count of 0 everywhere would pass the tests above vacuously)."""
     counts = _definitions(PACKAGE)
     assert counts["karras_sigmas"] == 1 and counts["step"] >= 5 and counts["set_timesteps"] >= 5
+
+
+def test_the_former_schedules_module_re_exports_the_beta_schedules():
+    from deploy_diff.runtime import schedules
+    from deploy_diff.runtime.schedulers import beta_schedules
+
+    for name in (*beta_schedules.__all__, "MAX_TRAIN_TIMESTEPS", "SEED_SCHEDULES"):
+        assert getattr(schedules, name) is getattr(beta_schedules, name), name
