@@ -19,6 +19,13 @@ sigma_max > 1e3, 0.50 with both (our `karras` schedule with zero terminal SNR).
 from __future__ import annotations
 
 CONVERSION_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+#: the ``sigmas`` axis of the Euler and Heun sweeps: no conversion, or one of the sigma lists
+CONVERSIONS = {
+    None: {},
+    "karras": {"use_karras_sigmas": True},
+    "exp": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+}
 
 
 def schedule_extremes(ours) -> tuple[bool, bool, float]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import sample_tolerance, schedule_extremes, timestep_atol
+from _sigma_parity import CONVERSIONS, sample_tolerance, schedule_extremes, timestep_atol
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
@@ -27,12 +27,6 @@ CHURN = {
     "none": {},
     "churn": {"s_churn": 1.0},
     "window": {"s_churn": 0.8, "s_tmin": 0.05, "s_tmax": 5.0, "s_noise": 1.003},
-}
-CONVERSIONS = {
-    None: {},
-    "karras": {"use_karras_sigmas": True},
-    "exp": {"use_exponential_sigmas": True},
-    "beta": {"use_beta_sigmas": True},
 }
 
 SPACE = {

@@ -23,19 +23,13 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import NoGenerator, sample_tolerance, timestep_atol
+from _sigma_parity import CONVERSIONS, NoGenerator, sample_tolerance, timestep_atol
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.heun import HeunDiscreteScheduler
 
 STEPS = [1, 2, 7, 10, 50]
-CONVERSIONS = {
-    None: {},
-    "karras": {"use_karras_sigmas": True},
-    "exp": {"use_exponential_sigmas": True},
-    "beta": {"use_beta_sigmas": True},
-}
 SPACE = {
     # karras is ours (saved for diffusers as trained_betas); exp is diffusers' (Heun only)
     "beta_schedule": ["linear", "scaled_linear", "squaredcos_cap_v2", "exp", "karras"],
