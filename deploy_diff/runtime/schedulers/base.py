@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._fileio import atomic_write_text
+from ..arguments import check_num_inference_steps
 from ..rng import randn_tensor
 from .beta_schedules import alphas_cumprod_from_betas, get_betas, rescale_zero_terminal_snr
 from .sigmas import (
@@ -362,15 +363,7 @@ class BaseScheduler:
         return self._ac32
 
     def _check_num_inference_steps(self, num_inference_steps: Any) -> int:
-        T = self.config["num_train_timesteps"]
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise ValueError(f"num_inference_steps must be an int in [1, {T}]; got {num_inference_steps!r}")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps={T}]: "
-                f"the model was trained on {T} timesteps"
-            )
-        return int(num_inference_steps)
+        return check_num_inference_steps(num_inference_steps, self.config["num_train_timesteps"])
 
     def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
         """int64[n] descending timesteps for ``timestep_spacing`` (diffusers' DDPM/DDIM rule)."""

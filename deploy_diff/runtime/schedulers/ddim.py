@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from ..arguments import check_eta
 from .base import BaseScheduler, SchedulerOutput, register_to_config
 
 
@@ -93,8 +92,7 @@ class DDIMScheduler(BaseScheduler):
             generator / variance_noise: the source of the eta > 0 noise (not both).
         """
         self._check_step_inputs(model_output, sample)
-        if eta is None or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
+        eta = check_eta(eta)
         t = int(timestep)
         coefs = self._coefs.get(t) if self.num_inference_steps is not None else None
         a_t, a_prev = coefs if coefs is not None else self._alpha_prods(t)
