@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtime.arguments import check_class_labels, check_guidance_scale
 from ..runtime.rng import TorchGenerator
 from ..runtime.sampling import sample as run_sampling
 from ..runtime.schedulers import DDIMScheduler, DDPMScheduler
@@ -205,19 +206,15 @@ class DiffusionModel(nn.Module):
         unconditional one); an explicit value for an unconditional model is an error.
         """
         cfg = self.config
+        uc = self.unet.config
         conditional = cfg.num_classes > 0
-        if guidance_scale is not None and not conditional:
-            raise ValueError(
-                "guidance_scale was given but this model is unconditional (num_classes=0): "
-                "classifier-free guidance needs a class-conditional model"
-            )
+        check_guidance_scale(guidance_scale, uc.null_class_label, conditional=conditional)
+        check_class_labels(class_labels, batch_size, null_class_label=uc.null_class_label,
+                           num_classes=cfg.num_classes, conditional=conditional)  # fmt: skip
         if guidance_scale is None and conditional:
             guidance_scale = cfg.guidance_scale
-        if class_labels is not None and not conditional:
-            raise ValueError("class_labels were given but this model is unconditional (num_classes=0)")
         kwargs = dict(self.scheduler.runtime_scheduler.config, clip_sample=cfg.clip_denoised)
         scheduler = DDIMScheduler.from_config(kwargs) if use_ddim else DDPMScheduler.from_config(kwargs)
-        uc = self.unet.config
         shape = (batch_size, uc.in_channels, uc.sample_size, uc.sample_size)
         x = run_sampling(
             TorchRunner(self.unet),
