@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deploy_diff.runtime._numeric import relative_error
 from deploy_diff.runtime.rng import TorchGenerator
 
 _PATTERN_CACHE: dict[tuple, np.ndarray] = {}
@@ -34,8 +35,7 @@ def fake_model(x: np.ndarray, t: float, out_channels: int | None = None) -> np.n
 
 def rel_err(ours: np.ndarray, theirs) -> float:
     theirs = theirs.detach().cpu().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
-    ours = np.asarray(ours, dtype=np.float64)
-    return float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
+    return relative_error(ours, theirs)
 
 
 def run_parity(

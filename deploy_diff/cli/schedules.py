@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     """Print every beta schedule with its end points and terminal SNR."""
     import numpy as np
 
-    from ..runtime.schedules import DIFFUSERS_SCHEDULES, SCHEDULES, alphas_cumprod_from_betas, get_betas
+    from ..runtime.schedulers.beta_schedules import DIFFUSERS_SCHEDULES, SCHEDULES, alphas_cumprod_from_betas, get_betas
 
     if args.num_train_timesteps < 1:
         raise ValueError(f"-T/--num-train-timesteps must be >= 1; got {args.num_train_timesteps}")

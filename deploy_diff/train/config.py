@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.schedulers.base import PREDICTION_TYPES
-from ..runtime.schedules import SCHEDULES
+from ..runtime.schedulers.beta_schedules import SCHEDULES
 
 if TYPE_CHECKING:
     from .unet import UNetConfig

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 
 from deploy_diff.analysis.quality import DigitsQuality, frechet_distance
-from deploy_diff.runtime.schedules import get_betas
+from deploy_diff.runtime.schedulers.beta_schedules import get_betas
 from deploy_diff.train import DiffusionAnalyzer, DiffusionConfig, DiffusionModel, DiffusionTrainer, SchedulerType
 
 

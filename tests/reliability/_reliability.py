@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import deploy_diff
 from deploy_diff.runtime.schedulers import SCHEDULER_CLASSES
-from deploy_diff.runtime.schedules import SCHEDULES
+from deploy_diff.runtime.schedulers.beta_schedules import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "deploy_diff.cli"]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers import SCHEDULER_CLASSES
-from deploy_diff.runtime.schedules import SCHEDULES
+from deploy_diff.runtime.schedulers.beta_schedules import SCHEDULES
 
 # -- random valid configs, fixed fake models -----------------------------------------------------------------------
 SIGMA_KINDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")

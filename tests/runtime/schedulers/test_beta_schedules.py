@@ -8,7 +8,7 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar as d_betas_for_alpha_bar
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as d_rescale
 
-from deploy_diff.runtime.schedules import (
+from deploy_diff.runtime.schedulers.beta_schedules import (
     DIFFUSERS_SCHEDULES,
     SCHEDULES,
     alphas_cumprod_from_betas,
