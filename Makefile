@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check deploy_diff tests benchmarks
+	$(VENV)/bin/ruff check deploy_diff tests benchmarks tools
+	$(VENV)/bin/ruff format --check deploy_diff tests benchmarks tools
 
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import torch
 
-SMALL_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                  norm_num_groups=8)
-WITH_ATTENTION = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+SMALL_UNET = dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8
+)
+WITH_ATTENTION = dict(
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")
+)
 NO_ATTENTION = dict(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
-def diffusers_unet(attention: bool = True, num_class_embeds: int | None = None, out_scale: float = 0.2, seed: int = 0,
-                   **overrides):
+def diffusers_unet(
+    attention: bool = True, num_class_embeds: int | None = None, out_scale: float = 0.2, seed: int = 0, **overrides
+):
     """A random diffusers UNet2DModel. ``out_scale`` shrinks the output layer so the model behaves like a
     trained denoiser (small, smooth epsilon): a raw random UNet makes DDIM's deterministic trajectory chaotic,
     so that a 1e-7 difference between any two correct forwards (even torch vs torch with another thread count)
@@ -48,10 +51,24 @@ def train_tiny_run(folder: Path, num_classes: int = 0, steps: int = 30, predicti
     from deploy_diff.train.trainer import Trainer
     from deploy_diff.train.unet import UNetConfig
 
-    model = UNetConfig(sample_size=8, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,), num_heads=2,
-                       num_classes=num_classes)
-    cfg = TrainConfig(steps=steps, batch_size=16, log_every=10, save_every=0, sample_every=0, warmup_steps=5,
-                      device="cpu", prediction_type=prediction_type,
-                      label_dropout=0.2 if num_classes else 0.0)
+    model = UNetConfig(
+        sample_size=8,
+        base_channels=16,
+        channel_mult=(1, 2),
+        attention_resolutions=(4,),
+        num_heads=2,
+        num_classes=num_classes,
+    )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        log_every=10,
+        save_every=0,
+        sample_every=0,
+        warmup_steps=5,
+        device="cpu",
+        prediction_type=prediction_type,
+        label_dropout=0.2 if num_classes else 0.0,
+    )
     Trainer(model, cfg, folder, progress=False).train()
     return folder

@@ -17,8 +17,10 @@ __all__ = ["Pipeline", "load_bundle"]
 def __getattr__(name: str) -> Any:  # lazy, so `import deploy_diff.runtime` stays cheap
     if name == "Pipeline":
         from .pipeline import Pipeline
+
         return Pipeline
     if name == "load_bundle":
         from .bundle import load_bundle
+
         return load_bundle
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

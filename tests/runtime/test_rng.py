@@ -6,8 +6,23 @@ import torch
 
 from deploy_diff.runtime.rng import TorchGenerator, randn_tensor
 
-SHAPES = [(1,), (2,), (7,), (15,), (16,), (17,), (31,), (32,), (33,), (100,), (2, 3, 8, 8), (1, 4, 64, 64),
-          (3, 1, 5, 5), (8, 1, 16, 16), ()]
+SHAPES = [
+    (1,),
+    (2,),
+    (7,),
+    (15,),
+    (16,),
+    (17,),
+    (31,),
+    (32,),
+    (33,),
+    (100,),
+    (2, 3, 8, 8),
+    (1, 4, 64, 64),
+    (3, 1, 5, 5),
+    (8, 1, 16, 16),
+    (),
+]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 1234567, 2**31 - 1, 2**32 + 7])
@@ -43,7 +58,7 @@ def test_list_of_generators_draws_per_image():
     ours = randn_tensor(shape, generator=[TorchGenerator(s) for s in (10, 11, 12)])
     for i, s in enumerate((10, 11, 12)):
         alone = torch.randn((1,) + shape[1:], generator=torch.Generator().manual_seed(s)).numpy()
-        np.testing.assert_allclose(ours[i:i + 1], alone, atol=1e-6)
+        np.testing.assert_allclose(ours[i : i + 1], alone, atol=1e-6)
     with pytest.raises(ValueError, match="one generator per image"):
         randn_tensor(shape, generator=[TorchGenerator(0), TorchGenerator(1)])
 

@@ -84,8 +84,14 @@ def test_unknown_keys_warn_and_foreign_keys_do_not():
     assert s.config["clip_sample"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_scheduler({"_class_name": "DDIMScheduler", "variance_type": "fixed_small", "solver_order": 2,
-                        "_diffusers_version": "0.30.0"})
+        load_scheduler(
+            {
+                "_class_name": "DDIMScheduler",
+                "variance_type": "fixed_small",
+                "solver_order": 2,
+                "_diffusers_version": "0.30.0",
+            }
+        )
 
 
 def test_load_scheduler_refuses_unknown_class():
