@@ -217,15 +217,9 @@ class OnnxRuntimeRunner(Runner):
             ``"basic"`` or ``"disabled"``.
     """
 
-    def __init__(
-        self,
-        graph: str | os.PathLike,
-        device: str = "cpu",
-        providers: Sequence[Any] | None = None,
-        num_threads: int | None = None,
-        cuda_graph: bool = False,
-        graph_optimization_level: str = "all",
-    ):
+    def __init__(self, graph: str | os.PathLike, device: str = "cpu", providers: Sequence[Any] | None = None,
+                 num_threads: int | None = None, cuda_graph: bool = False,
+                 graph_optimization_level: str = "all"):  # fmt: skip
         self.path = Path(graph)
         if providers is None:
             providers = default_providers(device)
