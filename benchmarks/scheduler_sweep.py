@@ -5,6 +5,7 @@ How many steps each scheduler needs (DDPM's hundreds against the ODE solvers' te
     .venv/bin/python benchmarks/scheduler_sweep.py BUNDLE [--schedulers ddpm,ddim,dpmsolver++,unipc,euler,euler_a,heun]
         [--steps 5,10,20,50,100] [--ddpm-steps 50,100,250,1000] [--num-images 500] [--batch 250] [--seed 0]
         [--threads N] [--guidance G] [--per-image-seeds] [--out benchmarks/results/scheduler_sweep] [--quick]
+        [--note TEXT]
 
 For every scheduler and step count, samples ``--num-images`` digits from the bundle through the torch-free
 runtime (``Pipeline``, ONNX Runtime on the CPU) and scores them with
@@ -34,10 +35,11 @@ on ``--batch``; it is not the default because drawing the per-step noise of the 
 euler_a, sde-dpmsolver++) image by image costs extra time (measured: ~35 us per image and step, about 7% of a
 step of the 8x8 digits model on one thread), which would bias their wall times.
 
-Writes ``<out>.md`` (the table with a header naming the setup), ``<out>.json`` (the raw rows and the setup),
-both rewritten after every row so an interrupted sweep keeps what it measured, then ``<out>.png`` (FD ratio against
-steps and against wall time, one line per scheduler) and ``<out>_samples.png`` (the first images of every row, one
-grid row per table row, in table order). The table is also printed to stdout as rows complete.
+Writes ``<out>.md`` (the table with a header naming the setup: the bundle's scheduler config, the machine's load
+average, since wall times on a shared machine are upper bounds, and ``--note``), ``<out>.json`` (the raw rows and
+the setup), both rewritten after every row so an interrupted sweep keeps what it measured, then ``<out>.png`` (FD
+ratio against steps and against wall time, one line per scheduler) and ``<out>_samples.png`` (the first images of
+every row, one grid row per table row, in table order). The table is also printed to stdout as rows complete.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="smoke run: ddim,dpmsolver++ at 5,20 steps, 100 images (explicit options still win)",
+    )
+    parser.add_argument(
+        "--note", default=None, help="a sentence for the table's header, e.g. what else ran on the machine"
     )
     args = parser.parse_args(argv)
 
@@ -245,6 +250,20 @@ def _config_line(config: dict[str, Any] | None) -> list[str]:
     return ["Scheduler config of the bundle (scheduler_config.json): " + ", ".join(cells) + ".", ""]
 
 
+def _load_lines(meta: dict[str, Any]) -> list[str]:
+    """The machine's load around the sweep (wall times on a shared machine are upper bounds) and ``--note``."""
+    parts = []
+    if meta.get("load_average_start") is not None:
+        end = meta.get("load_average_end")
+        at_end = f" and {end:.1f} at the end" if end is not None else ""
+        parts.append(
+            f"1-minute load average {meta['load_average_start']:.1f} at the start{at_end}, {meta['cpu_count']} CPUs."
+        )
+    if meta.get("note"):
+        parts.append(str(meta["note"]))
+    return [" ".join(parts), ""] if parts else []
+
+
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     cond = meta["conditional"]
     threads = meta["threads"] if meta["threads"] is not None else "ORT default"
@@ -270,6 +289,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Model calls: UNet evaluations per image. Wall s: all images, sampling only.",
         "",
         *_config_line(meta.get("scheduler_config")),
+        *_load_lines(meta),
         *table_lines(cond, meta["num_images"]),
         *(_fmt_row(r, cond) for r in rows),
         "",
@@ -380,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "ddpm_steps": args.ddpm_steps,
         "scheduler_config": dict(base.scheduler_config),
+        "load_average_start": os.getloadavg()[0],
+        "note": args.note,
     }
 
     # untimed warm-up at the chunk size: session start-up and arena growth are not charged to the first row
@@ -436,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
             print(_fmt_row(row, model.conditional), flush=True)
             write_reports(out, meta, rows)
 
+    meta["load_average_end"] = os.getloadavg()[0]
+    write_reports(out, meta, rows)
     plot(out.with_name(out.name + ".png"), meta, rows)
     if strips:
         tiles = np.concatenate([np.pad(s, ((0, STRIP - len(s)), (0, 0), (0, 0), (0, 0))) for s in strips])
