@@ -77,14 +77,6 @@ def _provider_options(session: Any) -> Any:
         return f"unavailable: {type(e).__name__}"
 
 
-def require_cuda_provider(session: Any) -> list[str]:
-    """The providers of a session that must run on CUDA; raise if ONNX Runtime put it on another one."""
-    active = session.get_providers()
-    if not active or active[0] != "CUDAExecutionProvider":
-        raise RuntimeError(f"the session runs on {active}: the CUDA execution provider is not active")
-    return active
-
-
 class BatchCheck:
     """The latency rows of one static batch size (see the module docstring)."""
 
@@ -226,7 +218,7 @@ class BatchCheck:
         create_s, _, runner = time_call(
             lambda: OnnxRuntimeRunner(path, device=self.dev, cuda_graph=graph, providers=providers), repeats=1, warmup=0
         )
-        # the runner itself refuses a session that fell back from CUDA to the CPU
+        # the runner's loader refuses a CUDA session that fell back to the CPU
         first_s, _, outs = time_call(lambda: [runner(x, t) for x, t in self.cases], repeats=1, warmup=0)
         x0, t0 = self.cases[0]  # the first call above captured the CUDA graph; these replay it
         timing = self._time(lambda: runner(x0, t0))
@@ -245,6 +237,8 @@ class BatchCheck:
     def ort_raw(self, precision: str, graph: bool, tf32: bool | None, reuse: str | None = None):
         import onnxruntime as ort
 
+        from deploy_diff.runtime.backends.onnxruntime import load_session
+
         path = self._graph_path(precision)
         create_s = None
         if reuse is not None:
@@ -252,17 +246,14 @@ class BatchCheck:
                 raise RuntimeError(f"the session of {reuse} to reuse is not there (that variant failed)")
             session = self.sessions[reuse].session
         else:
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
-            # enable_fallback=0: a CUDA session that cannot be made (e.g. graph capture refused because a node is
-            # not on the CUDA provider) raises its own error here instead of quietly becoming a CPU session
+            # the library's loader: enable_fallback=0 and a check that the CUDA provider is active, so a session
+            # that cannot run on CUDA (a capture refused because a node is not on it) raises its own error
             create_s, _, session = time_call(
-                lambda: ort.InferenceSession(str(path), opts, providers=self.providers(tf32, graph), enable_fallback=0),
+                lambda: load_session(path, providers=self.providers(tf32, graph), cuda_graph=graph and self.cuda),
                 repeats=1,
                 warmup=0,
             )
-        active = require_cuda_provider(session) if self.cuda else session.get_providers()
+        active = session.get_providers()
         out_meta = session.get_outputs()[0]
         out_dtype = np.float16 if out_meta.type == "tensor(float16)" else np.float32
         types = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32) for i in session.get_inputs()}
