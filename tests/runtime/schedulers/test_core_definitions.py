@@ -9,6 +9,7 @@ zero-SNR constant 2**-24 is written once.
 from __future__ import annotations
 
 import ast
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -18,10 +19,13 @@ PACKAGE = Path(__file__).resolve().parents[3] / "deploy_diff"
 RUNTIME = PACKAGE / "runtime"
 
 
+@functools.cache
 def _trees(root: Path) -> dict[Path, ast.Module]:
+    """Parsed once per test session: the package does not change while the tests run."""
     return {p: ast.parse(p.read_text(encoding="utf-8"), filename=str(p)) for p in sorted(root.rglob("*.py"))}
 
 
+@functools.cache
 def _definitions(root: Path) -> Counter:
     """How often each function / method name is defined under ``root``."""
     counts: Counter = Counter()
