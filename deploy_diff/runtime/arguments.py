@@ -106,7 +106,8 @@ def check_class_labels(
     """``class_labels`` -> the int64[batch] labels the model gets, or None for a model without labels.
 
     ``class_labels``: one int (every image), one int per image, or None: then the ``null_class_label`` for every
-    image (unconditional sampling through the null label) when there is one. Labels are integers >= 0, and at most
+    image (unconditional sampling through the null label) when there is one. Labels are integers >= 0 (whole numbers
+    stored as floats, and a [batch, 1] column, are taken as those integers), and at most
     ``num_classes - 1`` (or the null label, when it is ``num_classes``) when ``num_classes`` is given.
     ``conditional``: whether the model takes labels at all, when the caller knows it (None: it is not checked).
     ``where`` names the batch in messages (default ``"a batch of {batch}"``).
@@ -125,6 +126,11 @@ def check_class_labels(
             )
         return None
     labels = np.asarray(class_labels)
+    if labels.ndim > 1 and labels.size == labels.shape[0]:
+        labels = labels.reshape(-1)  # one label per row, e.g. a [B, 1] column
+    whole = labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(np.mod(labels, 1) == 0)
+    if whole and labels.size and np.all(np.abs(labels) < 2.0**62):
+        labels = labels.astype(np.int64)  # whole numbers stored as floats (3.0) are the labels they spell
     if labels.dtype.kind not in "iu" or labels.ndim > 1:
         raise ValueError(
             f"class_labels must be integers: an int or a list of ints, one per image; got {class_labels!r:.200}"

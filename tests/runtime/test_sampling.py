@@ -205,6 +205,21 @@ def test_class_label_rule_returns_one_int64_label_per_image():
     assert check_class_labels(None, 3, null_class_label=10).tolist() == [10, 10, 10]
     assert check_class_labels(None, 3) is None
     assert check_class_labels(10, 1, num_classes=10, null_class_label=10).tolist() == [10]  # the null label itself
+    # what sample() has always taken: whole numbers stored as floats, and a [B, 1] column
+    assert check_class_labels(np.array([1.0, 2.0]), 2).tolist() == [1, 2]
+    assert check_class_labels(3.0, 2).dtype == np.int64
+    assert check_class_labels(np.array([[1], [2]]), 2).tolist() == [1, 2]
+
+
+def test_sample_takes_whole_float_labels_and_a_label_column():
+    def runner(x, t, labels):
+        seen.append(labels.copy())
+        return np.zeros_like(x)
+
+    seen = []
+    for labels in (np.array([1.0, 2.0]), np.array([[1], [2]]), [1, 2]):
+        sample(runner, DDIMScheduler(), SHAPE, 1, generator=TorchGenerator(0), class_labels=labels)
+    assert all(s.dtype == np.int64 and s.tolist() == [1, 2] for s in seen), seen
 
 
 @pytest.mark.parametrize(
@@ -212,7 +227,8 @@ def test_class_label_rule_returns_one_int64_label_per_image():
     [
         ([[1, 2]], {}, "integers"),  # nested: not one label per image
         (True, {}, "integers"),
-        ([1.0, 2.0], {}, "integers"),
+        ([1.5, 2.0], {}, "integers"),  # not a whole number
+        ([np.nan, 1.0], {}, "integers"),
         (np.array([2**63, 1], np.uint64), {}, "fit int64"),  # would wrap to a negative int64
         ([1, 2, 3], {"where": "num_images=2"}, "3 class_labels for num_images=2"),
         ([10, 1], {"num_classes": 10}, r"0\.\.9; got \[10, 1\]"),  # 10 is not a null label here

@@ -209,7 +209,8 @@ class OnnxRuntimeRunner(Runner):
 
     Args:
         graph: path of the ``.onnx`` file (external data beside it is found automatically).
-        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; ignored when ``providers`` is given.
+        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``; when ``providers`` is given they decide, and ``device``
+            need only be one of these strings.
         providers: explicit ONNX Runtime providers (names or ``(name, options)`` pairs).
         num_threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
         cuda_graph: capture a CUDA graph on the first call (CUDA, static-batch graphs only).
@@ -235,7 +236,7 @@ class OnnxRuntimeRunner(Runner):
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         self.device_id = device_id or 0
         inputs = self.session.get_inputs()
-        self.input_names = [i.name for i in inputs]
+        self.input_names = tuple(i.name for i in inputs)
         check_graph_inputs(self.input_names, self.path.name)
         self._dtypes = {i.name: _DTYPES.get(i.type) for i in inputs}
         shapes = {i.name: list(i.shape) for i in inputs}

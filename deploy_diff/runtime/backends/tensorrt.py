@@ -118,13 +118,14 @@ class TensorRTRunner(Runner):
     """Run a TensorRT engine on one GPU (see the module docstring and :mod:`.base`).
 
     Args:
-        engine: a ``.plan`` path, its bytes, or a :class:`TensorRTEngine` from :func:`load_engine`.
+        engine_path: a ``.plan`` path, its bytes, or a :class:`TensorRTEngine` from :func:`load_engine`.
         device_id: the GPU (ignored for a loaded :class:`TensorRTEngine`, which knows its own).
 
     Attributes besides the runner protocol: ``output_name``, ``min_batch`` / ``max_batch`` (profile 0).
     """
 
-    def __init__(self, engine: str | os.PathLike | bytes | TensorRTEngine, device_id: int = 0):
+    def __init__(self, engine_path: str | os.PathLike | bytes | TensorRTEngine, device_id: int = 0):
+        engine = engine_path
         self._buffers: dict[str, int] = {}
         self._stream = None
         self._context = None

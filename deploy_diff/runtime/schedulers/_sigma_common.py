@@ -14,7 +14,17 @@ from typing import Any
 import numpy as np
 
 from .base import check_choice
-from .sigmas import SIGMA_RAMPS, check_one_sigma_ramp, float_spaced_timesteps, sigma_ramp
+from .sigmas import (  # noqa: F401  (beta_ppf, betainc, beta_sigmas, exponential_sigmas: importable from here, as before)
+    SIGMA_RAMPS,
+    beta_ppf,
+    beta_sigmas,
+    betainc,
+    check_one_sigma_ramp,
+    exponential_sigmas,
+    float_spaced_timesteps,
+    sigma_ramp,
+)
+from .sigmas import karras_sigmas as karras_sigma_list  # noqa: F401  (the name this module gave it)
 from .step_index import StepIndexMixin
 
 __all__ = [

@@ -11,6 +11,7 @@ from .sigmas import (
     SIGMA_RAMPS,
     check_one_sigma_ramp,
     diffusers_float32_alphas_cumprod,  # noqa: F401  (importable from here, as before)
+    karras_sigmas,  # noqa: F401  (importable from here, as before)
     lu_sigmas,
     multistep_spaced_timesteps,
     sigma_ramp,

@@ -21,6 +21,7 @@ from .sigmas import (
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
+from .sigmas import torch_linspace_f32 as _torch_linspace_f32  # noqa: F401  (importable from here, as before)
 from .step_index import StepIndexMixin
 
 __all__ = ["UniPCMultistepScheduler"]

@@ -162,7 +162,7 @@ def test_ort_runner_runs_closes_and_is_a_context_manager(tmp_path):
     graph = tiny_onnx(tmp_path / "tiny.onnx")
     x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
     with OnnxRuntimeRunner(graph) as runner:
-        assert runner.input_names == ["sample", "timestep"] and runner.static_batch is None
+        assert runner.input_names == ("sample", "timestep") and runner.static_batch is None  # a tuple, as it always was
         assert runner.sample_shape == (1, 4, 4) and not runner.conditional
         np.testing.assert_allclose(runner(x, np.array([0, 1, 2])), 2 * x + np.arange(3)[:, None, None, None])
     with pytest.raises(RuntimeError, match="this OnnxRuntimeRunner was closed"):
