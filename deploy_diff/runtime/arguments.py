@@ -48,14 +48,19 @@ def check_num_images(num_images: Any) -> int:
 
 def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int | None = None) -> int:
     """``num_inference_steps``: an int >= 1 and, when the scheduler's ``num_train_timesteps`` is given, at most that
-    (a schedule cannot have more distinct steps than the model was trained on)."""
-    if not is_int(num_inference_steps) or num_inference_steps < 1:
+    (a schedule cannot have more distinct steps than the model was trained on).
+
+    Without ``num_train_timesteps`` an int below 1 is "not a positive int"; with it, any int outside
+    ``[1, num_train_timesteps]`` is named with that range (what ``set_timesteps`` says)."""
+    if not is_int(num_inference_steps):
         raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
-    if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+    if num_train_timesteps is not None and not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(
             f"num_inference_steps={num_inference_steps} is outside [1, num_train_timesteps="
             f"{num_train_timesteps}]: the model was trained on {num_train_timesteps} timesteps"
         )
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}")
     return int(num_inference_steps)
 
 

@@ -91,7 +91,8 @@ def sample(
     eta = check_eta(eta, scheduler)
     config = getattr(scheduler, "config", None)
     num_train_timesteps = config.get("num_train_timesteps") if isinstance(config, Mapping) else None
-    num_inference_steps = check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    num_inference_steps = check_num_inference_steps(num_inference_steps)  # a positive int first, then the range
+    check_num_inference_steps(num_inference_steps, num_train_timesteps)
     use_cfg = guidance_scale is not None and guidance_scale != 1.0 and labels is not None
     if use_cfg:
         assert labels is not None and null_class_label is not None

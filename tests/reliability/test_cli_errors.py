@@ -49,8 +49,8 @@ def _fill(argv, paths):
 _SAMPLE = ["--out", "{new}", "--no-progress"]
 CLI_CASES = [
     # timesteps (no bundle, no torch)
-    (["timesteps", "--steps", "0"], "num_inference_steps must be a positive int; got 0"),
-    (["timesteps", "--steps", "-3"], "num_inference_steps must be a positive int; got -3"),
+    (["timesteps", "--steps", "0"], "num_inference_steps=0 is outside [1, num_train_timesteps=1000]"),
+    (["timesteps", "--steps", "-3"], "num_inference_steps=-3 is outside"),
     (["timesteps", "--steps", "1001"], "num_inference_steps=1001 is outside"),
     (["timesteps", "--scheduler", "nope"], "unknown scheduler 'nope'"),
     (["timesteps", "{missing}"], "no scheduler config at"),
@@ -192,7 +192,7 @@ def test_cli_debug_flag_raises_the_exception_in_process(paths):
 @pytest.mark.parametrize(
     "argv, command, message",
     [
-        (["timesteps", "--steps", "0"], "timesteps", "num_inference_steps must be a positive int; got 0"),
+        (["timesteps", "--steps", "0"], "timesteps", "num_inference_steps=0 is outside"),
         (["inspect", "{missing}"], "inspect", "BundleError: no bundle at"),
         (["sample", "{file}", "--out", "{new}", "--no-progress"], "sample", "is a file, not a bundle folder"),
     ],

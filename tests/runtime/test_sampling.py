@@ -249,7 +249,12 @@ def test_step_count_eta_guidance_and_seed_rules():
     assert check_num_inference_steps(np.int32(5), 1000) == 5 and type(check_num_inference_steps(5)) is int
     for bad in (0, -1, 2.0, True, "5", None):
         with pytest.raises(ValueError, match="num_inference_steps must be a positive int"):
+            check_num_inference_steps(bad)
+    for bad in (2.0, True, "5", None):  # not an int at all, whatever the range
+        with pytest.raises(ValueError, match="num_inference_steps must be a positive int"):
             check_num_inference_steps(bad, 1000)
+    with pytest.raises(ValueError, match=r"num_inference_steps=0 is outside \[1, num_train_timesteps=1000\]"):
+        check_num_inference_steps(0, 1000)  # with the range known, it is named
     with pytest.raises(ValueError, match=r"num_inference_steps=11 is outside \[1, num_train_timesteps=10\]"):
         check_num_inference_steps(11, 10)
     assert check_eta(np.float32(0.5), DDIMScheduler()) == 0.5 and check_eta(0, DDPMScheduler()) == 0.0
