@@ -67,6 +67,8 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
 def check_eta(eta: Any, scheduler: Any = None) -> float:
     """``eta`` (DDIM's noise weight): a finite number >= 0. With ``scheduler``, a non-zero ``eta`` also needs a
     scheduler whose ``step`` takes one (only DDIM does): elsewhere it would be silently ignored."""
+    if isinstance(eta, np.ndarray) and eta.ndim == 0 and eta.dtype.kind in "iuf":
+        eta = eta.item()  # a 0-d array holding one number (what numpy reductions return) is that number
     if not is_real(eta) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
     if scheduler is not None and eta != 0 and "eta" not in inspect.signature(scheduler.step).parameters:

@@ -258,6 +258,10 @@ def test_step_count_eta_guidance_and_seed_rules():
     with pytest.raises(ValueError, match=r"num_inference_steps=11 is outside \[1, num_train_timesteps=10\]"):
         check_num_inference_steps(11, 10)
     assert check_eta(np.float32(0.5), DDIMScheduler()) == 0.5 and check_eta(0, DDPMScheduler()) == 0.0
+    assert check_eta(np.array(0.3)) == 0.3 and type(check_eta(np.array(1))) is float
+    for bad in (True, np.array([0.3]), np.array(np.nan), "0.3"):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            check_eta(bad)
     with pytest.raises(ValueError, match="only used by DDIM; DDPMScheduler has no eta"):
         check_eta(0.5, DDPMScheduler())
     assert check_guidance_scale(None, None) is None and check_guidance_scale(2, 10) == 2.0
