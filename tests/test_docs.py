@@ -23,7 +23,7 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 README_MAX_LINES = 250
 TEST_FILE_MAX_LINES = 500
-ASSERTIONS_BASELINE = 1062  # tools/count_assertions.py over tests/ without this file: 884 before issue 10, 1,062 after
+ASSERTIONS_BASELINE = 1070  # tools/count_assertions.py over tests/ without this file: 884 before issue 10, 1,070 after
 
 # `tests/runtime/test_pipeline.py::test_bad_call_arguments`, `...::TestX::test_y`, `...::test_z[param-id]`
 CITATION = re.compile(r"(tests/[\w./-]+?\.py)((?:::\w+)+)(?:\[[^\]`]*\])?")
