@@ -9,7 +9,7 @@ guidance and noise handling are written once.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,13 +72,14 @@ def sample(
             ``null_class_label`` samples unconditionally through the null label.
         null_class_label: the model's "no class" label (models trained with label dropout), else None.
         eta: DDIM's noise weight (>= 0); an error for schedulers without one unless 0.
-
-    Every argument is checked (by the rules of :mod:`.arguments`) before the model is called; a bad one raises
-    ``ValueError`` naming it.
         latents: float32[B, C, H, W] starting noise instead of drawing it; multiplied by the scheduler's
             ``init_noise_sigma`` like drawn latents.
         callback: called as ``callback(step_index, timestep, sample)`` after every step.
         progress: show a tqdm progress bar (when tqdm is installed).
+
+    Every argument is checked (by the rules of :mod:`.arguments`) before the model is called; a bad one raises
+    ``ValueError`` naming it. The step count's range is checked by ``scheduler.set_timesteps``, which runs before
+    the first model call.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or min(shape) < 1:
@@ -89,10 +90,7 @@ def sample(
     guidance_scale = check_guidance_scale(guidance_scale, null_class_label)
     labels = check_class_labels(class_labels, batch, null_class_label=null_class_label)
     eta = check_eta(eta, scheduler)
-    config = getattr(scheduler, "config", None)
-    num_train_timesteps = config.get("num_train_timesteps") if isinstance(config, Mapping) else None
-    num_inference_steps = check_num_inference_steps(num_inference_steps)  # a positive int first, then the range
-    check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    num_inference_steps = check_num_inference_steps(num_inference_steps)
     use_cfg = guidance_scale is not None and guidance_scale != 1.0 and labels is not None
     if use_cfg:
         assert labels is not None and null_class_label is not None
