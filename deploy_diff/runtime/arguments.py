@@ -23,6 +23,7 @@ __all__ = [
     "check_seeds",
     "is_int",
     "is_real",
+    "step_parameters",
 ]
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -64,6 +65,11 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
     return int(num_inference_steps)
 
 
+def step_parameters(scheduler: Any) -> set[str]:
+    """The keyword names ``scheduler.step`` takes (``eta``, ``generator``, ...)."""
+    return set(inspect.signature(scheduler.step).parameters)
+
+
 def check_eta(eta: Any, scheduler: Any = None) -> float:
     """``eta`` (DDIM's noise weight): a finite number >= 0. With ``scheduler``, a non-zero ``eta`` also needs a
     scheduler whose ``step`` takes one (only DDIM does): elsewhere it would be silently ignored."""
@@ -71,7 +77,7 @@ def check_eta(eta: Any, scheduler: Any = None) -> float:
         eta = eta.item()  # a 0-d array holding one number (what numpy reductions return) is that number
     if not is_real(eta) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
-    if scheduler is not None and eta != 0 and "eta" not in inspect.signature(scheduler.step).parameters:
+    if scheduler is not None and eta != 0 and "eta" not in step_parameters(scheduler):
         raise ValueError(f"eta={eta} is only used by DDIM; {type(scheduler).__name__} has no eta")
     return float(eta)
 

@@ -8,13 +8,18 @@ guidance and noise handling are written once.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .arguments import check_class_labels, check_eta, check_guidance_scale, check_num_inference_steps
+from .arguments import (
+    check_class_labels,
+    check_eta,
+    check_guidance_scale,
+    check_num_inference_steps,
+    step_parameters,
+)
 from .rng import randn_tensor
 
 __all__ = ["NonFiniteError", "sample"]
@@ -34,10 +39,6 @@ def _check_finite(x: np.ndarray, what: str, step: int, t: Any) -> None:
             f"{what} has {bad} non-finite value(s) at step {step} (timestep {t}); "
             "sampling stopped (an fp16 overflow or a broken model are the usual causes)"
         )
-
-
-def _step_parameters(scheduler: Any) -> set[str]:
-    return set(inspect.signature(scheduler.step).parameters)
 
 
 def sample(
@@ -98,7 +99,7 @@ def sample(
     else:
         model_labels = labels
 
-    step_params = _step_parameters(scheduler)
+    step_params = step_parameters(scheduler)
     step_kwargs: dict[str, Any] = {}
     if "eta" in step_params:
         step_kwargs["eta"] = eta
