@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from .base import check_choice
 from .sigmas import (  # noqa: F401  (beta_ppf, betainc, beta_sigmas, exponential_sigmas: importable from here, as before)
     SIGMA_RAMPS,
     beta_ppf,
@@ -35,10 +34,8 @@ __all__ = [
 ]
 
 
-def check_sigma_options(config: dict[str, Any]) -> None:
-    """At most one sigma list, and a known ``timestep_spacing``."""
-    check_one_sigma_ramp(config)
-    check_choice("timestep_spacing", config["timestep_spacing"], ("linspace", "leading", "trailing"))
+#: the former name of :func:`.sigmas.check_one_sigma_ramp` (``timestep_spacing`` is BaseScheduler._validate_common's)
+check_sigma_options = check_one_sigma_ramp
 
 
 _FLOAT_SCALARS = (np.float32, float, np.float64)

@@ -9,12 +9,11 @@ import numpy as np
 
 from ._sigma_common import (
     SigmaSchedulerMixin,
-    check_sigma_options,
     compute_dtype_view,
     reject_integer_timestep,
 )
 from .base import BaseScheduler, SchedulerOutput, check_choice, register_to_config
-from .sigmas import SIGMA_RAMPS, denoised_and_slope, sigma_to_t
+from .sigmas import SIGMA_RAMPS, check_one_sigma_ramp, denoised_and_slope, sigma_to_t
 
 INTERPOLATION_TYPES = ("linear", "log_linear")
 TIMESTEP_TYPES = ("discrete", "continuous")
@@ -50,7 +49,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )
         self._validate_common()
-        check_sigma_options(self.config)
+        check_one_sigma_ramp(self.config)
         check_choice("interpolation_type", interpolation_type, INTERPOLATION_TYPES)
         check_choice("timestep_type", timestep_type, TIMESTEP_TYPES)
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)

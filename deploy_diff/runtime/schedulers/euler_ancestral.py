@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ._sigma_common import SigmaSchedulerMixin, check_sigma_options, compute_dtype_view, reject_integer_timestep
+from ._sigma_common import SigmaSchedulerMixin, compute_dtype_view, reject_integer_timestep
 from .base import BaseScheduler, SchedulerOutput, register_to_config
-from .sigmas import denoised_and_slope, float_spaced_timesteps
+from .sigmas import check_one_sigma_ramp, denoised_and_slope, float_spaced_timesteps
 
 
 class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
@@ -35,7 +35,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
         )
         self._validate_common()
-        check_sigma_options(self.config)
+        check_one_sigma_ramp(self.config)
         self.sigmas = np.concatenate([self._train_sigmas()[::-1], [0.0]])
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].astype(np.float32)
         self._reset_state()

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ._sigma_common import SigmaSchedulerMixin, check_sigma_options
+from ._sigma_common import SigmaSchedulerMixin
 from .base import BaseScheduler, SchedulerOutput, register_to_config
-from .sigmas import SIGMA_RAMPS, denoised_and_slope, sigma_to_t
+from .sigmas import SIGMA_RAMPS, check_one_sigma_ramp, denoised_and_slope, sigma_to_t
 
 
 class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
@@ -40,7 +40,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin, BaseScheduler):
                  timestep_spacing: str = "linspace", steps_offset: int = 0):  # fmt: skip
         self._init_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self._validate_common()
-        check_sigma_options(self.config)
+        check_one_sigma_ramp(self.config)
         self.use_karras_sigmas = use_karras_sigmas
         # as diffusers: the full T-step schedule until set_timesteps is called
         self.set_timesteps(num_train_timesteps)
