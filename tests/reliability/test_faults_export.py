@@ -34,7 +34,7 @@ from _reliability import (
 )
 
 from deploy_diff.cli import main
-from deploy_diff.export.bundle import _remove_stale_leftovers
+from deploy_diff.export.staging import remove_stale_leftovers
 from deploy_diff.runtime.bundle import load_bundle
 
 
@@ -81,21 +81,21 @@ def test_export_killed_leaves_no_bundle_and_the_next_export_cleans_up(run_dir, t
 def test_export_killed_while_replacing_a_bundle_keeps_the_previous_one(run_dir, bundle, tmp_path):
     """`deploy-diff export` over an existing bundle killed with SIGKILL mid-way: the bundle at --out is byte for byte
     the previous one and verifies; the hidden partial folder of the killed export is removed by the next export's
-    clean-up (`_remove_stale_leftovers`), which leaves the bundle as it is."""
+    clean-up (`remove_stale_leftovers`), which leaves the bundle as it is."""
     out = tmp_path / "B"
     shutil.copytree(bundle, out)
     before = tree(out)
     kill_export_midway(run_dir, out, delay=0.3)
     assert tree(out) == before
     load_bundle(out)
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     assert leftovers(tmp_path, "B") == [] and tree(out) == before
 
 
 def test_export_killed_between_the_two_renames_puts_the_previous_bundle_back(bundle, tmp_path):
-    """A kill between `_install`'s two renames (the previous bundle moved aside to `.NAME.old-PID-*/bundle`, the new
+    """A kill between `install`'s two renames (the previous bundle moved aside to `.NAME.old-PID-*/bundle`, the new
     one still in `.NAME.partial-PID-*`) leaves no bundle at --out. The next export (its first step,
-    `_remove_stale_leftovers`) moves the previous bundle back, byte for byte, and removes both hidden folders."""
+    `remove_stale_leftovers`) moves the previous bundle back, byte for byte, and removes both hidden folders."""
     out = tmp_path / "B"
     pid = dead_pid()
     old = Path(tempfile.mkdtemp(dir=tmp_path, prefix=f".B.old-{pid}-"))
@@ -103,7 +103,7 @@ def test_export_killed_between_the_two_renames_puts_the_previous_bundle_back(bun
     partial = Path(tempfile.mkdtemp(dir=tmp_path, prefix=f".B.partial-{pid}-"))
     shutil.copytree(bundle, partial, dirs_exist_ok=True)
     (partial / "unet.onnx").write_bytes(b"the new bundle, never renamed into place")
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     assert tree(out) == tree(bundle)
     load_bundle(out)
     assert leftovers(tmp_path, "B") == []
@@ -119,7 +119,7 @@ def test_export_leftovers_of_a_running_export_are_left_alone(bundle, tmp_path):
     dead_old = Path(tempfile.mkdtemp(dir=tmp_path, prefix=f".B.old-{dead_pid()}-"))
     shutil.copytree(bundle, dead_old / "bundle")
     (dead_old / "bundle" / "unet.onnx").write_bytes(b"the previous bundle's graph")
-    _remove_stale_leftovers(out)
+    remove_stale_leftovers(out)
     assert leftovers(tmp_path, "B") == [live.name]
     assert tree(out) == tree(bundle)
 
