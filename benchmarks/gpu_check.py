@@ -36,30 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python3 benchmarks/gpu_check.py` from a checkout that is not installed
     sys.path.insert(0, str(REPO))
 
+from _unet_layouts import CIFAR, DIGITS  # noqa: E402
 from gpu_latency import BatchCheck  # noqa: E402  (benchmarks/ is sys.path[0])
 from gpu_report import Report, elapsed, log, setup_onnxruntime, setup_torch  # noqa: E402
 
 from deploy_diff.analysis.bench import time_call, time_pipeline  # noqa: E402
 
-CIFAR = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
-TINY = dict(
-    sample_size=8,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
+TINY = dict(DIGITS, in_channels=3, out_channels=3)  # the --cpu-smoke model: the digits layout, 3 channels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _unet_layouts import CIFAR, DIGITS  # benchmarks/ is sys.path[0] when run as a script
 
 from deploy_diff.analysis.bench import cold_start, diffusers_baseline, time_call, time_pipeline
 from deploy_diff.export import export_bundle, load_diffusers_source
@@ -31,27 +32,7 @@ from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime._fileio import atomic_write_text
 from deploy_diff.runtime.bundle import load_bundle
 
-MODELS = {
-    "digits": dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ),
-    "cifar": dict(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ),
-}
+MODELS = {"digits": DIGITS, "cifar": CIFAR}
 
 OUT_SCALE = {"digits": 0.2, "cifar": 0.02}
 
