@@ -37,17 +37,14 @@ def test_real_digits_score_at_the_floor_and_noise_far_above(quality):
     assert agreement == pytest.approx(quality.test_accuracy)
 
 
+def _tiny_config(**kw) -> DiffusionConfig:
+    """An 8x8 one-channel model small enough to train and sample in a test."""
+    return DiffusionConfig(image_size=8, in_channels=1, out_channels=1, hidden_size=16, num_layers=1, num_heads=2, **kw)
+
+
 def test_seed_api_names_work():
     assert SchedulerType.SCALED_LINEAR.value == "iddpm_linear"  # improved-DDPM's scaled linear
-    cfg = DiffusionConfig(
-        image_size=8,
-        in_channels=1,
-        out_channels=1,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        scheduler_type=SchedulerType.SCALED_LINEAR,
-    )
+    cfg = _tiny_config(scheduler_type=SchedulerType.SCALED_LINEAR)
     model = DiffusionModel(cfg)
     np.testing.assert_allclose(model.scheduler.betas.numpy(), get_betas("iddpm_linear", 1000), rtol=1e-6)
     x = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -71,16 +68,7 @@ def test_seed_api_names_work():
 
 
 def test_seed_api_conditional_uses_config_guidance():
-    cfg = DiffusionConfig(
-        image_size=8,
-        in_channels=1,
-        out_channels=1,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        num_classes=3,
-        guidance_scale=2.0,
-    )
+    cfg = _tiny_config(num_classes=3, guidance_scale=2.0)
     model = DiffusionModel(cfg)
     out = model.sample(batch_size=3, num_inference_steps=2, class_labels=[0, 1, 2])
     assert out.shape == (3, 1, 8, 8)
