@@ -14,9 +14,13 @@ Timesteps of Karras / exponential / beta sigmas are mapped back through diffuser
 the atol per category below is ~2x the worst measured over Euler's and Heun's full cross products (n in
 {1, 2, 7, 10, 50}, every spacing and offset): 9.0e-3 normally, 0.164 with sigma_min < 5e-3, 0.107 with
 sigma_max > 1e3, 0.50 with both (our `karras` schedule with zero terminal SNR).
+
+``case_config`` and ``sigma_parity_error`` build and run one sweep case the same way for the three schedulers.
 """
 
 from __future__ import annotations
+
+from _parity import run_parity
 
 CONVERSION_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 #: the ``sigmas`` axis of the Euler and Heun sweeps: no conversion, or one of the sigma lists
@@ -50,6 +54,21 @@ def timestep_atol(cfg: dict, ours) -> float:
     if cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction":
         return 5e-4 if not (big or tiny) else 5e-3  # 0.25 * log(sigma): float32 vs float64 sigmas
     return 0.0  # the spaced schedules are computed with diffusers' own NumPy calls: exact
+
+
+def case_config(case: dict, keys) -> dict:
+    """The scheduler config of a sweep case: the values of ``keys``, plus the conversion its ``sigmas`` names."""
+    return {**{k: case[k] for k in keys}, **CONVERSIONS[case["sigmas"]]}
+
+
+def sigma_parity_error(ours_cls, diffusers_cls, cfg: dict, steps: int, step_kwargs=None, no_generator=False):
+    """Ours built from ``cfg`` and diffusers' twin from the config ours saves for it (trained_betas for our own
+    schedules), run through ``steps`` steps by _parity.run_parity (timesteps within ``timestep_atol``; both
+    wrapped in NoGenerator when ``no_generator``): (ours, the worst relative error of a prev_sample)."""
+    ours = ours_cls(**cfg)
+    theirs = diffusers_cls.from_config(ours.diffusers_config())
+    a, b = (NoGenerator(ours), NoGenerator(theirs)) if no_generator else (ours, theirs)
+    return ours, run_parity(a, b, steps, step_kwargs=step_kwargs, timestep_atol=timestep_atol(cfg, ours))
 
 
 class NoGenerator:

@@ -15,6 +15,7 @@ from _dpmsolver_harness import (
     tolerance,
 )
 from _parity import run_parity
+from _scheduler_checks import assert_step_after_the_last_raises
 
 from deploy_diff.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler as Ours
 
@@ -192,10 +193,7 @@ def test_bad_set_timesteps_and_step_arguments():
         s.step(np.zeros((1, 6, 4, 4), np.float32), s.timesteps[0], x)
     with pytest.raises(TypeError):
         s.step(torch.zeros(1, 3, 4, 4), s.timesteps[0], x)
-    for t in s.timesteps:
-        s.step(x, t, x)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, s.timesteps[-1], x)
+    assert_step_after_the_last_raises(s, x)
     sde = Ours(algorithm_type="sde-dpmsolver++")
     sde.set_timesteps(3)
     with pytest.raises(ValueError, match="variance_noise"):

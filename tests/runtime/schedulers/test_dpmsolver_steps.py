@@ -5,7 +5,6 @@ state, begin index and dtypes.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import diffusers
@@ -20,6 +19,7 @@ from _dpmsolver_harness import (
     _run_parity,
 )
 from _parity import fake_model, rel_err, run_parity
+from _scheduler_checks import seconds_per_step
 
 from deploy_diff.runtime.rng import TorchGenerator
 from deploy_diff.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler as Ours
@@ -311,16 +311,8 @@ def test_pred_original_sample_is_x0():
 def test_step_is_much_cheaper_than_diffusers():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 
-    def per_step(s, sample, n=200):
-        best = float("inf")
-        for _ in range(3):
-            s.set_timesteps(n)
-            ts = list(s.timesteps)
-            t0 = time.perf_counter()
-            for t in ts:
-                s.step(sample, t, sample)
-            best = min(best, time.perf_counter() - t0)
-        return best / n
+    def per_step(s, sample):
+        return seconds_per_step(s, sample, 200, scale_input=False)
 
     for kw in ({}, {"solver_order": 3}, {"thresholding": True}):
         ratio = per_step(Ours(**kw), x) / per_step(diffusers.DPMSolverMultistepScheduler(**kw), torch.from_numpy(x))

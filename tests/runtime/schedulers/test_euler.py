@@ -7,7 +7,6 @@ for the spaced schedules; 5e-4 for ``timestep_type="continuous"``; 2e-2 with Kar
 sigmas (mapped back to t through diffusers' float32 alphas_cumprod), more on the extreme schedules.
 """
 
-import time
 import warnings
 
 import diffusers
@@ -15,7 +14,21 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import CONVERSIONS, sample_tolerance, schedule_extremes, timestep_atol
+from _scheduler_checks import (
+    assert_diffusers_config_round_trip,
+    assert_img2img_from,
+    assert_loop_matches_diffusers,
+    assert_step_after_the_last_raises,
+    seconds_per_step,
+)
+from _sigma_parity import (
+    CONVERSIONS,
+    case_config,
+    sample_tolerance,
+    schedule_extremes,
+    sigma_parity_error,
+    timestep_atol,
+)
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
@@ -53,38 +66,24 @@ def _valid(case):
     return True
 
 
-def _config(case):
-    cfg = {
-        k: case[k]
-        for k in (
-            "beta_schedule",
-            "prediction_type",
-            "timestep_spacing",
-            "steps_offset",
-            "interpolation_type",
-            "timestep_type",
-            "final_sigmas_type",
-            "rescale_betas_zero_snr",
-        )
-    }
-    cfg.update(CONVERSIONS[case["sigmas"]])
-    return cfg
-
-
-def _pair(cfg):
-    ours = EulerDiscreteScheduler(**cfg)
-    # diffusers' twin built from what we save for it (trained_betas for our own schedules)
-    theirs = diffusers.EulerDiscreteScheduler.from_config(ours.diffusers_config())
-    return ours, theirs
+_CONFIG_KEYS = (
+    "beta_schedule",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "interpolation_type",
+    "timestep_type",
+    "final_sigmas_type",
+    "rescale_betas_zero_snr",
+)
 
 
 def _run_case(case):
-    cfg = _config(case)
-    ours, theirs = _pair(cfg)
+    cfg = case_config(case, _CONFIG_KEYS)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*scale_model_input")  # it is called: no warning expected
-        err = run_parity(
-            ours, theirs, case["steps"], step_kwargs=CHURN[case["churn"]], timestep_atol=timestep_atol(cfg, ours)
+        ours, err = sigma_parity_error(
+            EulerDiscreteScheduler, diffusers.EulerDiscreteScheduler, cfg, case["steps"], CHURN[case["churn"]]
         )
     assert err <= sample_tolerance(ours), (case_id(case), err)
     return err
@@ -154,13 +153,7 @@ def test_custom_timesteps_and_sigmas(kind):
     np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), atol=1e-3 if kind == "sigmas" else 0)
     np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-4)
     x = TorchGenerator(0).randn((2, 3, 8, 8)) * np.float32(ours.init_noise_sigma)
-    y = torch.from_numpy(x.copy())
-    for to, tt in zip(ours.timesteps, theirs.timesteps):
-        x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(
-            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
-        ).prev_sample
-        assert rel_err(x, y) <= 1e-4
+    assert_loop_matches_diffusers(ours, theirs, x, torch.from_numpy(x.copy()))
 
 
 # -- stochastic churn ---------------------------------------------------------------------------------------
@@ -278,18 +271,7 @@ def test_img2img_start_mid_schedule_matches_diffusers():
     start = 8
     ours.set_begin_index(start)
     theirs.set_begin_index(start)
-    x0 = TorchGenerator(0).randn((2, 3, 8, 8))
-    noise = TorchGenerator(1).randn((2, 3, 8, 8))
-    t0 = ours.timesteps[start : start + 1]
-    x = ours.add_noise(x0, noise, t0)
-    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start : start + 1])
-    assert rel_err(x, y) <= 1e-6
-    for to, tt in zip(ours.timesteps[start:], theirs.timesteps[start:]):
-        x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(
-            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
-        ).prev_sample
-        assert rel_err(x, y) <= 1e-4
+    assert_img2img_from(ours, theirs, start)
 
 
 def test_add_noise_looks_timesteps_up_like_diffusers():
@@ -354,14 +336,7 @@ def test_config_round_trip_through_diffusers(tmp_path):
         final_sigmas_type="sigma_min",
         sigma_min=0.03,
     )
-    ours.save_config(tmp_path)
-    theirs = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path)
-    assert run_parity(EulerDiscreteScheduler.from_config(tmp_path), theirs, 10, timestep_atol=2e-2) <= 1e-4
-    theirs.save_config(tmp_path / "d")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        back = EulerDiscreteScheduler.from_config(tmp_path / "d")
-    assert back.config == ours.config
+    assert_diffusers_config_round_trip(ours, diffusers.EulerDiscreteScheduler, tmp_path, timestep_atol=2e-2)
 
 
 def test_non_diffusers_schedule_saved_as_trained_betas(tmp_path):
@@ -419,11 +394,7 @@ def test_bad_set_timesteps_and_step_arguments():
         s.step(x, 123.25, x)
     with pytest.raises(ValueError, match="s_churn"):
         s.step(x, s.timesteps[0], x, s_churn=-1.0)
-    for t in s.timesteps:
-        s.scale_model_input(x, t)
-        s.step(x, t, x)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, s.timesteps[-1], x)
+    assert_step_after_the_last_raises(s, x, scale_input=True)
 
 
 # timed, so kept out of the default suite (a busy CI machine would make it flaky); the figures
@@ -432,19 +403,5 @@ def test_bad_set_timesteps_and_step_arguments():
 def test_step_is_much_cheaper_than_diffusers():
     ours, theirs = EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-
-    def per_step(s, sample, n=300):
-        s.set_timesteps(n)
-        ts = list(s.timesteps)
-        best = float("inf")
-        for _ in range(3):
-            s.set_timesteps(n)
-            t0 = time.perf_counter()
-            for t in ts:
-                s.scale_model_input(sample, t)
-                s.step(sample, t, sample)
-            best = min(best, time.perf_counter() - t0)
-        return best / n
-
-    ratio = per_step(ours, x) / per_step(theirs, torch.from_numpy(x))
+    ratio = seconds_per_step(ours, x, 300) / seconds_per_step(theirs, torch.from_numpy(x), 300)
     assert ratio < 0.2, ratio  # measured ~0.05 on a 2-core machine

@@ -5,15 +5,19 @@ Tolerances (tests/_sigma_parity.py): prev_sample 1e-4, or 1e-2 where diffusers' 
 inexact (sigma_max > 1e3 or sigma_min < 5e-3); timesteps exact (float32).
 """
 
-import time
-import warnings
-
 import diffusers
 import numpy as np
 import pytest
 import torch
-from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import sample_tolerance
+from _parity import fake_model, rel_err
+from _scheduler_checks import (
+    BAD_COMMON_CONFIG_VALUES,
+    assert_diffusers_config_round_trip,
+    assert_loop_matches_diffusers,
+    assert_step_after_the_last_raises,
+    seconds_per_step,
+)
+from _sigma_parity import sample_tolerance, sigma_parity_error
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
@@ -38,9 +42,9 @@ def _valid(case):
 
 def _run_case(case):
     cfg = {k: v for k, v in case.items() if k != "steps"}
-    ours = EulerAncestralDiscreteScheduler(**cfg)
-    theirs = diffusers.EulerAncestralDiscreteScheduler.from_config(ours.diffusers_config())
-    err = run_parity(ours, theirs, case["steps"])
+    ours, err = sigma_parity_error(
+        EulerAncestralDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler, cfg, case["steps"]
+    )
     assert err <= sample_tolerance(ours), (case_id(case), err)
     return err
 
@@ -102,12 +106,7 @@ def test_generator_list_matches_diffusers():
     y = torch.from_numpy(x.copy())
     go = [TorchGenerator(3), TorchGenerator(4)]
     gt = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
-    for to, tt in zip(ours.timesteps, theirs.timesteps):
-        x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x, generator=go).prev_sample
-        y = theirs.step(
-            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y, generator=gt
-        ).prev_sample
-        assert rel_err(x, y) <= 1e-4
+    assert_loop_matches_diffusers(ours, theirs, x, y, generators=(go, gt))
 
 
 def test_sample_prediction_works_where_diffusers_refuses():
@@ -181,25 +180,10 @@ def test_config_round_trip_through_diffusers(tmp_path):
         timestep_spacing="leading",
         steps_offset=1,
     )
-    ours.save_config(tmp_path)
-    theirs = diffusers.EulerAncestralDiscreteScheduler.from_pretrained(tmp_path)
-    assert run_parity(EulerAncestralDiscreteScheduler.from_config(tmp_path), theirs, 10) <= 1e-4
-    theirs.save_config(tmp_path / "d")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        back = EulerAncestralDiscreteScheduler.from_config(tmp_path / "d")
-    assert back.config == ours.config
+    assert_diffusers_config_round_trip(ours, diffusers.EulerAncestralDiscreteScheduler, tmp_path)
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"beta_schedule": "cosin"}, "beta_schedule"),
-        ({"prediction_type": "noise"}, "prediction_type"),
-        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-        ({"steps_offset": -1}, "steps_offset"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,match", BAD_COMMON_CONFIG_VALUES)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EulerAncestralDiscreteScheduler(**kwargs)
@@ -216,11 +200,7 @@ def test_bad_step_and_set_timesteps_arguments():
         s.step(x, 999, x)
     with pytest.raises(ValueError, match="not one of"):
         s.step(x, 3.5, x)
-    for t in s.timesteps:
-        s.scale_model_input(x, t)
-        s.step(x, t, x, generator=TorchGenerator(0))
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, s.timesteps[-1], x)
+    assert_step_after_the_last_raises(s, x, scale_input=True, generator=TorchGenerator(0))
 
 
 # timed, so kept out of the default suite (a busy CI machine would make it flaky); the figures
@@ -228,20 +208,7 @@ def test_bad_step_and_set_timesteps_arguments():
 @pytest.mark.slow
 def test_step_is_much_cheaper_than_diffusers():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-
-    def per_step(s, sample, gen, n=300):
-        best = float("inf")
-        for _ in range(3):
-            s.set_timesteps(n)
-            ts = list(s.timesteps)
-            t0 = time.perf_counter()
-            for t in ts:
-                s.scale_model_input(sample, t)
-                s.step(sample, t, sample, generator=gen)
-            best = min(best, time.perf_counter() - t0)
-        return best / n
-
-    ratio = per_step(EulerAncestralDiscreteScheduler(), x, TorchGenerator(0)) / per_step(
-        diffusers.EulerAncestralDiscreteScheduler(), torch.from_numpy(x), torch.Generator()
+    ratio = seconds_per_step(EulerAncestralDiscreteScheduler(), x, 300, generator=TorchGenerator(0)) / seconds_per_step(
+        diffusers.EulerAncestralDiscreteScheduler(), torch.from_numpy(x), 300, generator=torch.Generator()
     )
     assert ratio < 0.5, ratio  # noise generation in NumPy dominates ours; measured ~0.3-0.4

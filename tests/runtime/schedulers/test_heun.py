@@ -15,15 +15,20 @@ exponential / beta sigmas (more on extreme schedules).
 """
 
 import json
-import time
-import warnings
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
-from _sigma_parity import CONVERSIONS, NoGenerator, sample_tolerance, timestep_atol
+from _scheduler_checks import (
+    BAD_COMMON_CONFIG_VALUES,
+    assert_diffusers_config_round_trip,
+    assert_img2img_from,
+    assert_step_after_the_last_raises,
+    seconds_per_step,
+)
+from _sigma_parity import CONVERSIONS, NoGenerator, case_config, sample_tolerance, sigma_parity_error, timestep_atol
 from _sweep import case_id, cross_product, run_sweep, sample_cases
 
 from deploy_diff.runtime.rng import TorchGenerator
@@ -51,10 +56,7 @@ def _valid(case):
     return not (case["beta_schedule"] == "karras" and case["steps"] == 2)  # sigma 80 -> 0.002 in one step
 
 
-def _config(case):
-    cfg = {k: case[k] for k in ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample")}
-    cfg.update(CONVERSIONS[case["sigmas"]])
-    return cfg
+_CONFIG_KEYS = ("beta_schedule", "prediction_type", "timestep_spacing", "steps_offset", "clip_sample")
 
 
 def _diffusers_run(s, n, dtype, shape=(2, 3, 8, 8), seed=0):
@@ -102,12 +104,11 @@ def ours_float32_error(cfg, n):
 def _run_case(case):
     """|ours32 - theirs32| <= |ours32 - ours64| + |ours64 - theirs64| + |theirs64 - theirs32|: the parity
     promise (1e-4 / 1e-2) is on the middle term, the two others are each side's own float32 rounding."""
-    cfg = _config(case)
-    ours = HeunDiscreteScheduler(**cfg)
-    dcfg = ours.diffusers_config()
-    theirs = diffusers.HeunDiscreteScheduler.from_config(dcfg)
-    err = run_parity(NoGenerator(ours), NoGenerator(theirs), case["steps"], timestep_atol=timestep_atol(cfg, ours))
-    rounding = diffusers_float32_error(dcfg, case["steps"]) + ours_float32_error(cfg, case["steps"])
+    cfg = case_config(case, _CONFIG_KEYS)
+    ours, err = sigma_parity_error(
+        HeunDiscreteScheduler, diffusers.HeunDiscreteScheduler, cfg, case["steps"], no_generator=True
+    )
+    rounding = diffusers_float32_error(ours.diffusers_config(), case["steps"]) + ours_float32_error(cfg, case["steps"])
     tol = sample_tolerance(ours) + rounding
     assert err <= tol, (case_id(case), err, tol)
     return err, rounding
@@ -217,18 +218,7 @@ def test_start_mid_schedule_takes_the_second_of_repeated_timesteps():
     t = ours.timesteps[3]
     assert ours.timesteps[3] == ours.timesteps[4]
     assert ours.index_for_timestep(t) == theirs.index_for_timestep(theirs.timesteps[3]) == 4
-    start = 4
-    x0 = TorchGenerator(0).randn((2, 3, 8, 8))
-    noise = TorchGenerator(1).randn((2, 3, 8, 8))
-    x = ours.add_noise(x0, noise, ours.timesteps[start : start + 1])
-    y = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[start : start + 1])
-    assert rel_err(x, y) <= 1e-6
-    for to, tt in zip(ours.timesteps[start:], theirs.timesteps[start:]):
-        x = ours.step(fake_model(ours.scale_model_input(x, to), float(to)), to, x).prev_sample
-        y = theirs.step(
-            torch.from_numpy(fake_model(theirs.scale_model_input(y, tt).numpy(), float(tt))), tt, y
-        ).prev_sample
-        assert rel_err(x, y) <= 1e-4
+    assert_img2img_from(ours, theirs, 4)
 
 
 def test_clip_sample_bounds_x0():
@@ -252,29 +242,16 @@ def test_config_round_trip_through_diffusers(tmp_path):
     ours = HeunDiscreteScheduler(
         beta_schedule="exp", prediction_type="v_prediction", use_karras_sigmas=True, timestep_spacing="trailing"
     )
-    ours.save_config(tmp_path)
-    assert json.loads((tmp_path / "scheduler_config.json").read_text())["trained_betas"] is None  # exp by name
-    theirs = diffusers.HeunDiscreteScheduler.from_pretrained(tmp_path)
-    assert (
-        run_parity(
-            NoGenerator(HeunDiscreteScheduler.from_config(tmp_path)), NoGenerator(theirs), 10, timestep_atol=2e-2
-        )
-        <= 1e-4
+    assert_diffusers_config_round_trip(
+        ours, diffusers.HeunDiscreteScheduler, tmp_path, no_generator=True, timestep_atol=2e-2
     )
-    theirs.save_config(tmp_path / "d")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        back = HeunDiscreteScheduler.from_config(tmp_path / "d")
-    assert back.config == ours.config
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["trained_betas"] is None  # exp by name
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"beta_schedule": "cosin"}, "beta_schedule"),
-        ({"prediction_type": "noise"}, "prediction_type"),
-        ({"timestep_spacing": "uniform"}, "timestep_spacing"),
-        ({"steps_offset": -1}, "steps_offset"),
+        *BAD_COMMON_CONFIG_VALUES,
         ({"clip_sample_range": 0.0}, "clip_sample_range"),
         ({"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of"),
     ],
@@ -298,10 +275,7 @@ def test_bad_set_timesteps_and_step_arguments():
     x = np.zeros((1, 1, 2, 2), np.float32)
     with pytest.raises(ValueError, match="not one of"):
         s.step(x, 3.5, x)
-    for t in s.timesteps:
-        s.step(x, t, x)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        s.step(x, s.timesteps[-1], x)
+    assert_step_after_the_last_raises(s, x)
 
 
 # timed, so kept out of the default suite (a busy CI machine would make it flaky); the figures
@@ -309,18 +283,7 @@ def test_bad_set_timesteps_and_step_arguments():
 @pytest.mark.slow
 def test_step_is_much_cheaper_than_diffusers():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-
-    def per_step(s, sample, n=150):
-        best = float("inf")
-        for _ in range(3):
-            s.set_timesteps(n)
-            ts = list(s.timesteps)
-            t0 = time.perf_counter()
-            for t in ts:
-                s.scale_model_input(sample, t)
-                s.step(sample, t, sample)
-            best = min(best, time.perf_counter() - t0)
-        return best / len(ts)
-
-    ratio = per_step(HeunDiscreteScheduler(), x) / per_step(diffusers.HeunDiscreteScheduler(), torch.from_numpy(x))
+    ratio = seconds_per_step(HeunDiscreteScheduler(), x, 150) / seconds_per_step(
+        diffusers.HeunDiscreteScheduler(), torch.from_numpy(x), 150
+    )
     assert ratio < 0.2, ratio  # measured ~0.1

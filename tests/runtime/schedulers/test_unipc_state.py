@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import fake_model, rel_err, run_parity
+from _scheduler_checks import assert_step_after_the_last_raises
 from _unipc_harness import (
     _Theirs,
 )
@@ -388,10 +389,7 @@ def test_bad_step_raises():
     s.set_timesteps(2)
     with pytest.raises(ValueError, match="not one of"):
         s.step(x, 3, x)
-    for t in s.timesteps:
-        x = s.step(x, t, x).prev_sample
-    with pytest.raises(ValueError, match="steps are done"):
-        s.step(x, s.timesteps[-1], x)
+    assert_step_after_the_last_raises(s, x, "steps are done")
     with pytest.raises(ValueError, match="begin_index"):
         s.set_begin_index(5)
 
