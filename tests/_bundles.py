@@ -72,3 +72,27 @@ def train_tiny_run(folder: Path, num_classes: int = 0, steps: int = 30, predicti
     )
     Trainer(model, cfg, folder, progress=False).train()
     return folder
+
+
+IMAGE_TOL = 1e-4  # max abs on [0, 1] images: our pipeline against diffusers' for the same seed
+
+
+def diffusers_images(pipeline_dir, kind, seed, n=3, steps=50, eta=0.0):
+    """Images from diffusers' own DDIMPipeline (``kind="ddim"``) or DDPMPipeline on the saved pipeline folder, for
+    ``generator=torch.manual_seed(seed)`` (or one generator per seed of a list): the reference of every backend."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(pipeline_dir / "unet").eval()
+    sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
+    generator = (
+        [torch.Generator().manual_seed(s) for s in seed]
+        if isinstance(seed, list)
+        else torch.Generator().manual_seed(seed)
+    )
+    if kind == "ddim":
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=n, num_inference_steps=steps, eta=eta, generator=generator, output_type="np").images
+    pipe = DDPMPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="np").images

@@ -49,10 +49,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (models with a null label)")
     p.add_argument("--class", dest="class_labels", type=class_list, help="class index, or one per image: 1,7,7")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise weight (0 = deterministic)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        help="onnxruntime (default), openvino (CPU), tensorrt (the bundle's engine), or auto: openvino when "
+        "installed and the device is the CPU, else onnxruntime",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="what is computed: fp32 (default), fp16 (onnxruntime, tensorrt), bf16 (openvino on CPUs with bf16)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime / OpenVINO (default: one per core)")
+    p.add_argument("--cache-dir", help="OpenVINO's compiled-model cache folder (default: no cache)")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (static-batch bundles, CUDA)")
     p.add_argument("--npz", action="store_true", help="write float32 images [N, H, W, C] in [0, 1] to an .npz")
     p.add_argument("--nrow", type=int, help="images per grid row")
@@ -86,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         num_threads=args.threads,
         cuda_graph=args.cuda_graph,
+        cache_dir=args.cache_dir,
     )
     labels = None
     if args.class_labels is not None:
@@ -120,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         scale = args.scale or max(1, 128 // max(images.shape[1], 1))
         save_png(image_grid(to_uint8(images), nrow=args.nrow, scale=scale), out)
     sched = type(pipe.make_scheduler()).__name__
+    backend = type(pipe.runner).__name__.removesuffix("Runner")
     print(
-        f"{args.num_images} image(s), {sched}, {args.steps} steps, {elapsed:.2f} s "
+        f"{args.num_images} image(s), {sched}, {args.steps} steps, {backend} {pipe.precision}, {elapsed:.2f} s "
         f"({elapsed / args.num_images * 1000:.1f} ms/image) -> {out}"
     )
     return 0

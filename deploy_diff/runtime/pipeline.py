@@ -20,16 +20,38 @@ from typing import Any
 import numpy as np
 
 from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds
+from .backends.base import SUPPORTED_PRECISIONS, check_precision, parse_device
 from .bundle import Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
 from .rng import TorchGenerator
 from .sampling import sample
 from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
-__all__ = ["BACKENDS", "Pipeline"]
+__all__ = ["BACKENDS", "Pipeline", "select_backend"]
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "auto")
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
+
+
+def select_backend(backend: str, device: str = "cpu", precision: str = "fp32") -> str:
+    """The backend that runs ``device`` in ``precision``: ``backend`` itself, checked, or for ``"auto"`` OpenVINO
+    when it is installed, ``device`` is the CPU and OpenVINO computes in ``precision``, else ONNX Runtime.
+
+    Reduced precision is never chosen here: ``precision`` is what the caller asked for. Raises ``ValueError`` for
+    an unknown backend or device, or a precision the backend does not compute in.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
+    kind, _ = parse_device(device)
+    if backend == "auto":
+        from .backends.openvino import openvino_available
+
+        on_openvino = kind == "cpu" and precision in SUPPORTED_PRECISIONS["openvino"] and openvino_available()
+        backend = "openvino" if on_openvino else "onnxruntime"
+    if backend == "openvino" and kind != "cpu":
+        raise ValueError(f"the openvino backend supports device 'cpu' only; got {device!r}")
+    check_precision(backend, precision)
+    return backend
 
 
 def _check_runner_matches(runner: Any, bundle: Bundle) -> None:
@@ -90,15 +112,26 @@ class Pipeline:
         cuda_graph: bool = False,
         providers: Sequence[Any] | None = None,
         verify: bool = True,
+        cache_dir: str | os.PathLike | None = None,
     ) -> Pipeline:
         """Load and verify the bundle at ``path`` and open its graph with ``backend``.
 
-        ``scheduler``: a name (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-        ``"unipc"``, ...) built from the bundle's ``scheduler_config.json`` as diffusers'
-        ``Other.from_config`` would, an instance (copied per call), or None for the bundle's own scheduler.
-        ``precision`` picks ``unet.onnx`` or ``unet.fp16.onnx``.
+        ``backend``: ``"onnxruntime"``, ``"openvino"`` (CPU), ``"tensorrt"`` (the bundle's engine), or ``"auto"``
+        (:func:`select_backend`: OpenVINO when it is installed, ``device`` is the CPU and it computes in
+        ``precision``, else ONNX Runtime). ``scheduler``: a name (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``,
+        ``"euler"``, ``"euler_a"``, ``"heun"``, ``"unipc"``, ...) built from the bundle's
+        ``scheduler_config.json`` as diffusers' ``Other.from_config`` would, an instance (copied per call), or
+        None for the bundle's own scheduler. ``precision``: what is computed, ``"fp32"``, ``"fp16"`` or ``"bf16"``
+        (:data:`~deploy_diff.runtime.backends.SUPPORTED_PRECISIONS` per backend; any other combination is a
+        ``ValueError``): ONNX Runtime and TensorRT run the bundle's graph or engine of that precision, OpenVINO
+        computes the fp32 graph in f32 or bf16. ``num_threads``: CPU threads (ONNX Runtime, OpenVINO).
+        ``cuda_graph`` and ``providers``: ONNX Runtime only. ``cache_dir``: OpenVINO's compiled-model cache
+        (off unless given; other backends ignore it).
         """
         bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=verify)
+        backend = select_backend(backend, device, precision)
+        if backend != "onnxruntime" and (cuda_graph or providers is not None):
+            raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")
         if backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeRunner
 
@@ -108,10 +141,17 @@ class Pipeline:
                 providers=providers,
                 num_threads=num_threads,
                 cuda_graph=cuda_graph,
+                precision=precision,
             )
-        elif backend == "tensorrt":
-            from .backends import parse_device
-            from .backends.tensorrt import TensorRTRunner
+        elif backend == "openvino":
+            from .backends.openvino import OpenVINORunner
+
+            runner = OpenVINORunner(
+                bundle.graph_path("fp32"), device=device, precision=precision, num_threads=num_threads,
+                cache_dir=cache_dir,
+            )  # fmt: skip
+        else:
+            from .backends.tensorrt import TensorRTRunner, engine_precision
 
             engines = bundle.engines
             if not engines:
@@ -119,13 +159,19 @@ class Pipeline:
                     f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
                     "the GPU that will run it)"
                 )
-            wanted = [e for e in engines if f"_{precision}_" in e.name] or engines
+            wanted = [e for e in engines if (engine_precision(e) or "fp32") == precision]
+            if not wanted:
+                have = sorted({engine_precision(e) or "fp32" for e in engines})
+                raise BundleError(f"bundle {bundle.path} has no {precision} TensorRT engine; it has {have}")
             _, device_id = parse_device(device)  # TensorRT always runs on a GPU: "cpu" (the default) means GPU 0
-            runner = TensorRTRunner(wanted[0], device_id=device_id)
-        else:
-            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+            runner = TensorRTRunner(wanted[0], device_id=device_id, precision=precision)
         _check_runner_matches(runner, bundle)
         return cls(runner, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle)
+
+    @property
+    def precision(self) -> str:
+        """What the runner computes in: ``"fp32"``, ``"fp16"`` or ``"bf16"``."""
+        return getattr(self.runner, "precision", "fp32")
 
     # -- pieces -------------------------------------------------------------------------------------------
     def make_scheduler(self) -> Any:
@@ -225,4 +271,4 @@ class Pipeline:
             if self.scheduler is not None
             else self.scheduler_config.get("_class_name", "DDPMScheduler")
         )
-        return f"Pipeline({type(self.runner).__name__}{where}, scheduler={sched})"
+        return f"Pipeline({type(self.runner).__name__}{where}, scheduler={sched}, precision={self.precision})"

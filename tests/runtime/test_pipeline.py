@@ -7,33 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-import torch
+from _bundles import IMAGE_TOL, diffusers_images
 
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime.bundle import BundleError, load_bundle
 from deploy_diff.runtime.sampling import NonFiniteError
 from deploy_diff.runtime.schedulers import SCHEDULER_NAMES, DDIMScheduler
-
-IMAGE_TOL = 1e-4  # max abs on [0, 1] images (the bound)
-
-
-def diffusers_images(pipeline_dir, kind, seed, n=3, steps=50, eta=0.0):
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    unet = UNet2DModel.from_pretrained(pipeline_dir / "unet").eval()
-    sched = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
-    generator = (
-        [torch.Generator().manual_seed(s) for s in seed]
-        if isinstance(seed, list)
-        else torch.Generator().manual_seed(seed)
-    )
-    if kind == "ddim":
-        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(batch_size=n, num_inference_steps=steps, eta=eta, generator=generator, output_type="np").images
-    pipe = DDPMPipeline(unet=unet, scheduler=sched)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="np").images
 
 
 @pytest.mark.parametrize(

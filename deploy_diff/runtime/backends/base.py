@@ -1,5 +1,5 @@
-"""What every backend runner shares: the call contract, the input check, batching, device strings, and the error
-raised when a backend's libraries are missing.
+"""What every backend runner shares: the call contract, the input check, batching, device strings, the precision
+vocabulary, and the error raised when a backend's libraries are missing.
 
 A runner is a callable object over one UNet graph (Polygraphy's runners are the model):
 
@@ -9,6 +9,8 @@ A runner is a callable object over one UNet graph (Polygraphy's runners are the 
   same rules for every backend.
 - ``runner.close()`` frees what the runner holds (sessions, device buffers, threads); ``with runner: ...`` closes
   it on exit. Calling a closed runner raises ``RuntimeError``.
+- ``runner.precision``: what the runner computes in, ``"fp32"``, ``"fp16"`` or ``"bf16"`` (:data:`PRECISIONS`;
+  :data:`SUPPORTED_PRECISIONS` says which backend offers which).
 - ``runner.input_names`` (the graph's input names), ``runner.sample_shape`` ((C, H, W), None where symbolic) and
   ``runner.static_batch`` (the one batch size the graph takes, or None): a batch of another size is split into
   chunks and padded by :func:`run_in_batches`.
@@ -29,10 +31,14 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "PRECISIONS",
+    "SUPPORTED_PRECISIONS",
     "BackendUnavailableError",
     "Runner",
     "check_graph_inputs",
     "check_inputs",
+    "check_num_threads",
+    "check_precision",
     "import_backend_module",
     "parse_device",
     "run_in_batches",
@@ -42,8 +48,48 @@ __all__ = [
 INPUT_DTYPES = {"sample": np.dtype(np.float32), "timestep": np.dtype(np.float32), "class_labels": np.dtype(np.int64)}
 
 
+#: what ``precision=`` may name: the arithmetic a backend computes in
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+#: backend -> the precisions it computes in. ONNX Runtime and TensorRT run a bundle's fp32 or fp16 graph; OpenVINO
+#: computes the fp32 graph in f32 or bf16 (CPUs with bf16 arithmetic). int8 is not offered: see docs/benchmarks.md.
+SUPPORTED_PRECISIONS = {
+    "onnxruntime": ("fp32", "fp16"),
+    "tensorrt": ("fp32", "fp16"),
+    "openvino": ("fp32", "bf16"),
+}
+
+
+def check_precision(backend: str, precision: Any) -> str:
+    """``precision`` if ``backend`` computes in it; else ``ValueError`` listing what that backend supports."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {list(PRECISIONS)}; got {precision!r} (int8 is not offered: it costs 6-10% "
+            "error per UNet forward for at most 1.4x; see docs/benchmarks.md)"
+        )
+    supported = SUPPORTED_PRECISIONS.get(backend)
+    if supported is None:
+        raise ValueError(f"backend must be one of {list(SUPPORTED_PRECISIONS)}; got {backend!r}")
+    if precision not in supported:
+        others = [b for b, ps in SUPPORTED_PRECISIONS.items() if precision in ps]
+        raise ValueError(
+            f"the {backend} backend supports precision {list(supported)}; got {precision!r} ({precision} runs "
+            f"on {', '.join(others)})"
+        )
+    return precision
+
+
+def check_num_threads(num_threads: Any) -> int | None:
+    """``num_threads`` as an int, or None (the library's default); ``ValueError`` unless a positive integer."""
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None; got {num_threads!r}")
+    return int(num_threads)
+
+
 class BackendUnavailableError(ImportError):
-    """A backend's libraries (onnxruntime, tensorrt, cuda-python) cannot be imported; the message says what to
+    """A backend's libraries (onnxruntime, openvino, tensorrt, cuda-python) cannot be imported; the message says what to
     install. An ``ImportError``, so ``except ImportError`` handles it."""
 
 
@@ -175,11 +221,13 @@ def run_in_batches(
 class Runner:
     """The base of the backend runners: the context-manager protocol and the shared checks.
 
-    A subclass sets ``input_names``, ``sample_shape``, ``static_batch`` and ``_dtypes`` (the graph's dtype per
-    input name) and implements ``__call__`` and ``_release`` (free what it holds; called once, by :meth:`close`).
+    A subclass sets ``input_names``, ``sample_shape``, ``static_batch``, ``precision`` and ``_dtypes`` (the graph's
+    dtype per input name) and implements ``__call__`` and ``_release`` (free what it holds; called once, by
+    :meth:`close`).
     """
 
     input_names: Sequence[str] = ()
+    precision: str = "fp32"  # what the runner computes in (see PRECISIONS)
     sample_shape: tuple[int | None, ...] = (None, None, None)
     static_batch: int | None = None
     _dtypes: Mapping[str, Any] = {}

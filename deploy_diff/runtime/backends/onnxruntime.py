@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Runner, check_graph_inputs, import_backend_module, parse_device, run_in_batches
+from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
 
 __all__ = ["OnnxRuntimeRunner", "default_providers", "load_session", "preload_cuda_libraries"]
 
@@ -145,10 +145,7 @@ def load_session(
     on_cuda = bool(names) and names[0] == "CUDAExecutionProvider"
     if cuda_graph and not on_cuda:
         raise ValueError("cuda_graph=True needs the CUDA execution provider (device='cuda')")
-    if num_threads is not None and (
-        isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1
-    ):
-        raise ValueError(f"num_threads must be a positive integer or None; got {num_threads!r}")
+    num_threads = check_num_threads(num_threads)
     if graph_optimization_level not in _LEVELS:
         raise ValueError(f"graph_optimization_level must be one of {sorted(_LEVELS)}; got {graph_optimization_level!r}")
     preloaded = preload_cuda_libraries() if on_cuda else ""
@@ -216,11 +213,14 @@ class OnnxRuntimeRunner(Runner):
         cuda_graph: capture a CUDA graph on the first call (CUDA, static-batch graphs only).
         graph_optimization_level: ``"all"`` (default; export validated the graph at this level), ``"extended"``,
             ``"basic"`` or ``"disabled"``.
+        precision: what the graph computes in (``runner.precision``), as its bundle names it: ``"fp32"`` for
+            ``unet.onnx``, ``"fp16"`` for ``unet.fp16.onnx`` (default: fp16 when the graph's file name or its
+            sample input says so, else fp32).
     """
 
     def __init__(self, graph: str | os.PathLike, device: str = "cpu", providers: Sequence[Any] | None = None,
                  num_threads: int | None = None, cuda_graph: bool = False,
-                 graph_optimization_level: str = "all"):  # fmt: skip
+                 graph_optimization_level: str = "all", precision: str | None = None):  # fmt: skip
         self.path = Path(graph)
         if providers is None:
             providers = default_providers(device)
@@ -239,6 +239,8 @@ class OnnxRuntimeRunner(Runner):
         self.input_names = tuple(i.name for i in inputs)
         check_graph_inputs(self.input_names, self.path.name)
         self._dtypes = {i.name: _DTYPES.get(i.type) for i in inputs}
+        fp16 = self.path.name.endswith(".fp16.onnx") or self._dtypes.get("sample") == np.float16
+        self.precision = precision or ("fp16" if fp16 else "fp32")
         shapes = {i.name: list(i.shape) for i in inputs}
         self.sample_shape = tuple(d if isinstance(d, int) else None for d in shapes["sample"][1:])
         batch = shapes["sample"][0]
@@ -263,7 +265,7 @@ class OnnxRuntimeRunner(Runner):
     @classmethod
     def from_bundle(cls, bundle, precision: str = "fp32", **kwargs) -> OnnxRuntimeRunner:
         """The runner over ``bundle``'s graph of ``precision`` ("fp32" or "fp16")."""
-        return cls(bundle.graph_path(precision), **kwargs)
+        return cls(bundle.graph_path(precision), precision=precision, **kwargs)
 
     def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
         feeds = self._check(sample, timestep, class_labels)

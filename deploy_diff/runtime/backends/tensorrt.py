@@ -13,17 +13,35 @@ Written against the TensorRT 10/11 Python API (name-based I/O: ``set_input_shape
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .base import BackendUnavailableError, Runner, check_graph_inputs, import_backend_module, run_in_batches
 
-__all__ = ["BackendUnavailableError", "TensorRTEngine", "TensorRTRunner", "load_engine", "stream_handle"]
+__all__ = [
+    "BackendUnavailableError",
+    "TensorRTEngine",
+    "TensorRTRunner",
+    "engine_precision",
+    "load_engine",
+    "stream_handle",
+]
 
 _INSTALL_HINT = "pip install tensorrt cuda-python (needs an NVIDIA GPU and driver)"
+
+
+_ENGINE_PRECISION = re.compile(r"_(fp32|fp16|bf16)_b\d+-\d+-\d+\.plan$")
+
+
+def engine_precision(path: str | os.PathLike) -> str | None:
+    """The precision an engine file's name states (``..._trt10.3.0_fp16_b1-8-64.plan`` -> ``"fp16"``), or None."""
+    match = _ENGINE_PRECISION.search(Path(path).name)
+    return match.group(1) if match else None
 
 
 def _import_backend() -> tuple[Any, Any]:
@@ -120,12 +138,18 @@ class TensorRTRunner(Runner):
     Args:
         engine_path: a ``.plan`` path, its bytes, or a :class:`TensorRTEngine` from :func:`load_engine`.
         device_id: the GPU (ignored for a loaded :class:`TensorRTEngine`, which knows its own).
+        precision: what the engine computes in (``runner.precision``); default: what the file name states
+            (:func:`engine_precision`), else ``"fp32"``.
 
     Attributes besides the runner protocol: ``output_name``, ``min_batch`` / ``max_batch`` (profile 0).
     """
 
-    def __init__(self, engine_path: str | os.PathLike | bytes | TensorRTEngine, device_id: int = 0):
+    def __init__(
+        self, engine_path: str | os.PathLike | bytes | TensorRTEngine, device_id: int = 0, precision: str | None = None
+    ):
         engine = engine_path
+        named = engine_precision(engine) if isinstance(engine, (str, os.PathLike)) else None
+        self.precision = precision or named or "fp32"
         self._buffers: dict[str, int] = {}
         self._stream = None
         self._context = None

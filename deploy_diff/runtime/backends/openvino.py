@@ -1,0 +1,213 @@
+"""The OpenVINO backend: :func:`load_model` reads a bundle's ONNX graph, :class:`OpenVINORunner` runs it on the CPU.
+
+OpenVINO reads the fp32 ONNX graph as it is (no conversion step, no torch) and is fast at static shapes, so the
+runner compiles one model per input shape it meets (the batch size, for a bundle's fixed-size samples): at most
+``max_shapes`` compiled models are kept, the least recently used is dropped. One runner serves several threads at
+once: each thread gets its own infer request per compiled model.
+
+Precision is what is computed, set explicitly and read back from the compiled model (``runner.precision``):
+
+- ``"fp32"`` sets OpenVINO's ``INFERENCE_PRECISION_HINT`` to f32 (its default on CPUs with bf16 arithmetic is
+  bf16), and equals ONNX Runtime to float32 rounding.
+- ``"bf16"`` computes in bfloat16 (about 2–3% relative error per UNet forward); it needs a CPU with bf16
+  arithmetic (AVX512-BF16 or AMX), else a ``ValueError`` says so.
+
+``openvino`` is imported when a runner is built, never at import time of this module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
+
+__all__ = ["OPENVINO_PRECISIONS", "OpenVINORunner", "bf16_supported", "load_model", "openvino_available"]
+
+#: precision name -> OpenVINO's inference precision
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def _import_ov() -> Any:
+    return import_backend_module("openvino", "the OpenVINO backend needs openvino: pip install 'deploy-diff[openvino]'")
+
+
+def openvino_available() -> bool:
+    """Whether ``openvino`` can be imported (looked up without importing it)."""
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"] is not None
+    return importlib.util.find_spec("openvino") is not None
+
+
+def bf16_supported(core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin computes in bf16 on this CPU (AVX512-BF16 or AMX)."""
+    core = _import_ov().Core() if core is None else core
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def load_model(graph: str | os.PathLike, core: Any = None) -> Any:
+    """``(core, model)``: an ``openvino.Core`` and the ``openvino.Model`` read from the ONNX file ``graph``.
+
+    Raises ``FileNotFoundError`` without the file, ``ValueError`` for a file OpenVINO cannot read,
+    :class:`~.base.BackendUnavailableError` without openvino.
+    """
+    ov = _import_ov()
+    path = Path(graph)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX graph at {path}")
+    core = ov.Core() if core is None else core
+    try:
+        model = core.read_model(str(path))
+    except Exception as e:  # OpenVINO raises RuntimeError / its own types for unreadable graphs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"OpenVINO cannot read {path} (truncated or not an ONNX graph?): {first}") from None
+    return core, model
+
+
+def _dims(partial_shape: Any) -> list[int | None]:
+    return [d.get_length() if d.is_static else None for d in partial_shape]
+
+
+class OpenVINORunner(Runner):
+    """A runner over one ONNX graph, compiled by OpenVINO for the CPU (see the module docstring and :mod:`.base`).
+
+    Args:
+        graph: path of the fp32 ``.onnx`` file (external data beside it is found automatically).
+        device: ``"cpu"``, the only device this backend supports.
+        precision: ``"fp32"`` (exact) or ``"bf16"`` (CPUs with bf16 arithmetic).
+        num_threads: inference threads (default: OpenVINO's choice, one per physical core).
+        cache_dir: a folder for OpenVINO's compiled-model cache (later loads skip compilation); None: no cache.
+        max_shapes: compiled models kept, one per input shape (least recently used dropped).
+    """
+
+    def __init__(
+        self,
+        graph: str | os.PathLike,
+        device: str = "cpu",
+        precision: str = "fp32",
+        num_threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        max_shapes: int = 8,
+    ):
+        kind, _ = parse_device(device)
+        if kind != "cpu":
+            raise ValueError(f"the OpenVINO backend supports device 'cpu' only; got {device!r}")
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"the OpenVINO backend supports precision {list(OPENVINO_PRECISIONS)}; got {precision!r}")
+        check_num_threads(num_threads)
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ValueError(f"max_shapes must be a positive integer; got {max_shapes!r}")
+        if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise ValueError(f"cache_dir {cache_dir} is a file; give a folder for OpenVINO's model cache")
+        self.path = Path(graph)
+        self._ov = _import_ov()
+        self.core, self.model = load_model(graph)
+        if precision == "bf16" and not bf16_supported(self.core):
+            name = self.core.get_property("CPU", "FULL_DEVICE_NAME")
+            raise ValueError(
+                f"precision='bf16' needs a CPU with bf16 arithmetic (AVX512-BF16 or AMX); {name} has none: "
+                "use precision='fp32'"
+            )
+        self.config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        if num_threads is not None:
+            self.config["INFERENCE_NUM_THREADS"] = int(num_threads)
+        if cache_dir is not None:
+            self.config["CACHE_DIR"] = str(cache_dir)
+        inputs = self.model.inputs
+        self.input_names = tuple(i.get_any_name() for i in inputs)
+        check_graph_inputs(self.input_names, self.path.name)
+        self._ranks = {i.get_any_name(): i.get_partial_shape().rank.get_length() for i in inputs}
+        self._dtypes = {i.get_any_name(): i.get_element_type().to_dtype() for i in inputs}
+        shape = _dims(self.model.input("sample").get_partial_shape())
+        self.sample_shape = tuple(shape[1:])
+        self.static_batch = shape[0]
+        self.max_shapes = max_shapes
+        self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._requests: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+        # compile the first shape now: a graph OpenVINO cannot compile, or a precision it does not apply, fails
+        # at load time, and the first image does not wait for it
+        first = [self.static_batch or 1] + [d or 1 for d in self.sample_shape]
+        self.precision = self._precision_of(self._compiled_for(tuple(first)))
+        if self.precision != precision:
+            raise RuntimeError(f"OpenVINO compiled {self.path.name} in {self.precision}, not the {precision} asked for")
+        self.num_threads = int(self._compiled_for(tuple(first)).get_property("INFERENCE_NUM_THREADS"))
+
+    def _precision_of(self, compiled: Any) -> str:
+        t = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return _PRECISION_NAMES.get(t.get_type_name(), t.get_type_name())
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        """The sample shapes compiled models are kept for, least recently used first."""
+        with self._lock:
+            return list(self._compiled)
+
+    def _compiled_for(self, shape: tuple[int, ...]) -> Any:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this OpenVINORunner was closed")
+            compiled = self._compiled.get(shape)
+            if compiled is not None:
+                self._compiled.move_to_end(shape)
+                return compiled
+        # compile outside the lock (other shapes keep running); two threads may compile one shape, one is kept
+        model = self.model.clone()
+        batch = shape[0]
+        model.reshape(
+            {name: list(shape) if name == "sample" else [batch] * self._ranks[name] for name in self.input_names}
+        )
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this OpenVINORunner was closed")
+            compiled = self._compiled.setdefault(shape, compiled)
+            self._compiled.move_to_end(shape)
+            while len(self._compiled) > self.max_shapes:
+                dropped, _ = self._compiled.popitem(last=False)
+                for key in [k for k in self._requests if k[1] == dropped]:
+                    del self._requests[key]
+        return compiled
+
+    def _request(self, shape: tuple[int, ...]) -> Any:
+        """This thread's infer request on the compiled model for ``shape`` (infer requests are not thread-safe)."""
+        compiled = self._compiled_for(shape)
+        key = (threading.get_ident(), shape)
+        with self._lock:
+            held = self._requests.get(key)
+            if held is not None and held[0] is compiled:
+                return held[1]
+            request = compiled.create_infer_request()
+            live = {t.ident for t in threading.enumerate()}
+            for k in [k for k in self._requests if k[0] not in live]:  # requests of threads that ended
+                del self._requests[k]
+            self._requests[key] = (compiled, request)
+            return request
+
+    def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
+        feeds = self._check(sample, timestep, class_labels)
+        sb = self.static_batch
+        return run_in_batches(self._run, feeds, min_batch=sb or 1, max_batch=sb)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        request = self._request(tuple(feeds["sample"].shape))
+        request.infer(feeds)
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
+
+    def _release(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self._compiled.clear()
