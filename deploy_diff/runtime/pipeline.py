@@ -159,9 +159,18 @@ class Pipeline:
                     f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
                     "the GPU that will run it)"
                 )
-            wanted = [e for e in engines if (engine_precision(e) or "fp32") == precision]
+            # the precision each engine was built in: the manifest's record, else what its file name says
+            recorded = {
+                str(e.get("file")): e.get("precision")
+                for e in bundle.manifest.get("engines") or []
+                if isinstance(e, dict)
+            }
+            precisions = {
+                e: recorded.get(e.relative_to(bundle.path).as_posix()) or engine_precision(e) or "fp32" for e in engines
+            }
+            wanted = [e for e in engines if precisions[e] == precision]
             if not wanted:
-                have = sorted({engine_precision(e) or "fp32" for e in engines})
+                have = sorted(set(precisions.values()))
                 raise BundleError(f"bundle {bundle.path} has no {precision} TensorRT engine; it has {have}")
             _, device_id = parse_device(device)  # TensorRT always runs on a GPU: "cpu" (the default) means GPU 0
             runner = TensorRTRunner(wanted[0], device_id=device_id, precision=precision)

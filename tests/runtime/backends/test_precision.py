@@ -79,3 +79,26 @@ def test_engine_file_names_state_their_precision():
     assert engine_precision("engines/nvidia-h100_trt10.3.0_fp16_b1-8-64.plan") == "fp16"
     assert engine_precision("nvidia-a10g_trt11.0.0_fp32_b4-4-4.plan") == "fp32"
     assert engine_precision("my.plan") is None
+
+
+def test_tensorrt_takes_the_engine_of_the_precision_asked_for_or_refuses(diffusers_bundle, tmp_path):
+    import json
+    import shutil
+
+    from deploy_diff.runtime.bundle import BundleError, sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(diffusers_bundle, bundle)
+    engine = bundle / "engines" / "gpu_trt10.3.0_fp32_b1-1-8.plan"
+    engine.parent.mkdir()
+    engine.write_bytes(b"an engine is never opened here")
+    manifest = json.loads((bundle / "deploy_diff.json").read_text())
+    name = engine.relative_to(bundle).as_posix()
+    manifest["files"][name] = {"sha256": sha256_file(engine), "bytes": engine.stat().st_size}
+    manifest["engines"] = [{"file": name, "precision": "fp32"}]
+    (bundle / "deploy_diff.json").write_text(json.dumps(manifest))
+    # no fp16 engine: refused up front, never another precision in its place (TensorRT is not needed to say so)
+    with pytest.raises(BundleError, match=r"has no fp16 TensorRT engine; it has \['fp32'\]"):
+        Pipeline.from_bundle(bundle, backend="tensorrt", precision="fp16")
+    with pytest.raises(ValueError, match="tensorrt backend supports precision"):
+        Pipeline.from_bundle(bundle, backend="tensorrt", precision="bf16")
