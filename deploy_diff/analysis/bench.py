@@ -8,6 +8,7 @@ on a shared machine), after one warm-up call.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TimedRunner", "Timing", "cold_start", "diffusers_baseline", "time_call", "time_pipeline"]
+__all__ = [
+    "TimedRunner",
+    "Timing",
+    "cold_start",
+    "diffusers_baseline",
+    "dumps",
+    "image_diff",
+    "sample_for_quality",
+    "time_call",
+    "time_pipeline",
+]
 
 BASELINE_SCHEDULERS = ("ddim", "ddpm")  # the schedulers that have a diffusers pipeline of their own
 
@@ -144,10 +155,12 @@ _COLD_OURS = """
 import sys, time
 t0 = time.perf_counter()
 from deploy_diff.runtime import Pipeline
-pipe = Pipeline.from_bundle(sys.argv[1], scheduler="ddim", num_threads={threads})
-pipe(num_images=1, num_inference_steps=1, seed=0)
+pipe = Pipeline.from_bundle(
+    sys.argv[1], scheduler="ddim", num_threads={threads}, backend=sys.argv[2], precision=sys.argv[3]
+)
+pipe(num_images=1, num_inference_steps=1, seed=0, class_labels=0 if pipe.model.conditional else None)
 elapsed = time.perf_counter() - t0
-print(elapsed, peak_rss(), "torch" in sys.modules)
+print(elapsed, peak_rss(), "torch" in sys.modules, type(pipe.runner).__name__, getattr(pipe.runner, "precision", "-"))
 """
 
 _COLD_DIFFUSERS = """
@@ -177,19 +190,31 @@ def _child(code: str, *args: str) -> dict[str, Any]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start child failed: {proc.stderr.strip().splitlines()[-1:]}")
-    seconds, rss, torch_loaded = proc.stdout.strip().splitlines()[-1].split()
-    return {"seconds": float(seconds), "peak_rss_bytes": int(rss), "torch_imported": torch_loaded == "True"}
+    seconds, rss, torch_loaded, *runner = proc.stdout.strip().splitlines()[-1].split()
+    out = {"seconds": float(seconds), "peak_rss_bytes": int(rss), "torch_imported": torch_loaded == "True"}
+    if runner:  # ours: which runner ran, and the precision it computes in
+        out["runner"], out["runner_precision"] = runner
+    return out
 
 
-def cold_start(bundle, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
-    """Fresh process: import + load + one sampling step, and its peak RSS; ours and, when the bundle came from
-    a diffusers folder, diffusers'. Best of ``repeats`` fresh processes."""
-    out: dict[str, Any] = {}
-    runs = [_child(_COLD_OURS.replace("{threads}", str(threads)), str(bundle.path)) for _ in range(repeats)]
+def cold_start(
+    bundle,
+    repeats: int = 3,
+    threads: int | None = None,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    baseline: bool = True,
+) -> dict[str, Any]:
+    """Fresh process: import + load + one sampling step, and its peak RSS; ours (``backend`` at ``precision``)
+    and, with ``baseline`` when the bundle came from a diffusers folder, diffusers' (fp32 on torch). Best of
+    ``repeats`` fresh processes."""
+    out: dict[str, Any] = {"backend": backend, "precision": precision, "threads": threads}
+    code = _COLD_OURS.replace("{threads}", str(threads))
+    runs = [_child(code, str(bundle.path), backend, precision) for _ in range(repeats)]
     out["ours"] = min(runs, key=lambda r: r["seconds"])
     out["ours"]["peak_rss_bytes"] = min(r["peak_rss_bytes"] for r in runs)
     unet_dir = _diffusers_unet_folder(bundle.manifest["model"].get("source") or {})
-    if unet_dir is not None and not bundle.model.conditional:
+    if baseline and unet_dir is not None and not bundle.model.conditional:
         sched_dir = unet_dir.parent / "scheduler" if (unet_dir.parent / "scheduler").is_dir() else bundle.path
         code = _COLD_DIFFUSERS.replace("{threads_line}", f"torch.set_num_threads({threads})" if threads else "")
         try:
@@ -199,10 +224,65 @@ def cold_start(bundle, repeats: int = 3, threads: int | None = None) -> dict[str
         else:
             out["diffusers"] = min(runs, key=lambda r: r["seconds"])
             out["diffusers"]["peak_rss_bytes"] = min(r["peak_rss_bytes"] for r in runs)
-            out["speedup"] = out["diffusers"]["seconds"] / out["ours"]["seconds"]
-            out["rss_ratio"] = out["diffusers"]["peak_rss_bytes"] / out["ours"]["peak_rss_bytes"]
+            out.update(against_cold_baseline(out["ours"], out["diffusers"]))
     return out
 
 
+def against_cold_baseline(ours: dict[str, Any], diffusers: dict[str, Any]) -> dict[str, float]:
+    """``speedup`` (diffusers' cold-start seconds / ours) and ``rss_ratio`` (their peak RSS / ours)."""
+    return {
+        "speedup": diffusers["seconds"] / ours["seconds"],
+        "rss_ratio": diffusers["peak_rss_bytes"] / ours["peak_rss_bytes"],
+    }
+
+
+def image_diff(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far ``images`` are from ``reference`` (float images in [0, 1], the same shape): ``max_abs``,
+    ``mean_abs`` and ``psnr_db`` (peak 1.0; ``inf`` when they are equal)."""
+    a = np.asarray(images, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images of shape {a.shape} cannot be compared with a reference of shape {b.shape}")
+    d = np.abs(a - b)
+    mse = float(np.mean(d**2))
+    return {
+        "max_abs": float(d.max()),
+        "mean_abs": float(d.mean()),
+        "psnr_db": math.inf if mse == 0 else float(-10 * math.log10(mse)),
+    }
+
+
+def sample_for_quality(pipe, num_images: int, steps: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+    """``num_images`` images from ``pipe`` for a quality score: image ``i`` has seed ``i`` (its own generator, so
+    it does not depend on the chunking) and, for a class-conditional model, class ``i % num_classes``. Sampled in
+    calls of at most ``chunk`` images. Returns the images and the labels (None for an unconditional model)."""
+    if num_images < 1 or chunk < 1:
+        raise ValueError(f"num_images and chunk must be >= 1; got {num_images} and {chunk}")
+    m = pipe.model
+    labels = np.arange(num_images) % m.num_classes if m.conditional else None
+    parts = []
+    for start in range(0, num_images, chunk):
+        ids = list(range(start, min(num_images, start + chunk)))
+        kw = {"class_labels": labels[ids]} if labels is not None else {}
+        parts.append(pipe(num_images=len(ids), num_inference_steps=steps, seed=ids, **kw))
+    return np.concatenate(parts), labels
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o))
+    """Indented JSON that any parser reads: ``inf`` and ``nan`` (e.g. the PSNR of equal images) become ``null``."""
+    return json.dumps(
+        _finite_or_none(obj),
+        indent=2,
+        allow_nan=False,
+        default=lambda o: _finite_or_none(o.__dict__) if hasattr(o, "__dict__") else str(o),
+    )

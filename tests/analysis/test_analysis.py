@@ -1,10 +1,13 @@
 """Quality metric and the compact Python API (DiffusionAnalyzer, DiffusionModel, DiffusionTrainer)."""
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
+from deploy_diff.analysis.bench import dumps, image_diff, sample_for_quality
 from deploy_diff.analysis.quality import DigitsQuality, frechet_distance
 from deploy_diff.runtime.schedulers.beta_schedules import get_betas
 from deploy_diff.train import DiffusionAnalyzer, DiffusionConfig, DiffusionModel, DiffusionTrainer, SchedulerType
@@ -35,6 +38,36 @@ def test_real_digits_score_at_the_floor_and_noise_far_above(quality):
     assert quality.score(up)["ratio"] < 1.05
     agreement = quality.score(real, quality.y_test.numpy())["class_agreement"]
     assert agreement == pytest.approx(quality.test_accuracy)
+
+
+def test_image_diff_psnr_and_json_without_infinity():
+    a = np.full((2, 4, 4, 1), 0.5, dtype=np.float32)
+    b = a.copy()
+    b[0, 0, 0, 0] = 0.9  # one pixel of 32 off by 0.4: mse 0.005
+    d = image_diff(b, a)
+    assert d["max_abs"] == pytest.approx(0.4) and d["mean_abs"] == pytest.approx(0.4 / 32)
+    assert d["psnr_db"] == pytest.approx(-10 * np.log10(0.16 / 32))
+    assert image_diff(a, a) == {"max_abs": 0.0, "mean_abs": 0.0, "psnr_db": float("inf")}
+    with pytest.raises(ValueError, match="shape"):
+        image_diff(a[:1], a)
+    # equal images have an infinite PSNR: JSON gets null there (and for nan), never the non-standard Infinity
+    text = dumps({"rows": [image_diff(a, a), {"x": float("nan"), "y": (1.5, float("-inf"))}]})
+    assert json.loads(text) == {
+        "rows": [{"max_abs": 0.0, "mean_abs": 0.0, "psnr_db": None}, {"x": None, "y": [1.5, None]}]
+    }
+
+
+def test_quality_samples_do_not_depend_on_the_chunking(cond_run_bundle):
+    from deploy_diff.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(cond_run_bundle, scheduler="ddim")
+    images, labels = sample_for_quality(pipe, 13, 2, chunk=5)
+    whole, same_labels = sample_for_quality(pipe, 13, 2)
+    np.testing.assert_array_equal(labels, np.arange(13) % 10)
+    np.testing.assert_array_equal(same_labels, labels)
+    np.testing.assert_allclose(images, whole, atol=1e-6)  # image i: seed i, class i % 10, whatever its call
+    one = pipe(num_images=1, num_inference_steps=2, seed=[11], class_labels=[1])
+    np.testing.assert_allclose(images[11:12], one, atol=1e-6)
 
 
 def _tiny_config(**kw) -> DiffusionConfig:

@@ -48,7 +48,7 @@ def test_console_script_runs_without_torch():
     assert "666 333 0" in out.stdout
 
 
-# -- sample / bench / demo ---------------------------------------------------------------------------------------
+# -- sample / demo -----------------------------------------------------------------------------------------------
 def test_cli_sample_grid_and_npz(cond_run_bundle, tmp_path, capsys):
     import numpy as np
     from PIL import Image
@@ -133,41 +133,6 @@ def test_cli_sample_errors_are_one_line(cond_run_bundle, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
     assert main(["sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 1
     assert "BundleError" in capsys.readouterr().err
-
-
-def test_cli_bench_against_diffusers(diffusers_bundle, tmp_path, capsys):
-    import json
-
-    assert (
-        main(
-            [
-                "bench",
-                str(diffusers_bundle),
-                "--steps",
-                "3",
-                "--batch",
-                "1,2",
-                "--repeats",
-                "1",
-                "--threads",
-                "1",
-                "--json",
-                str(tmp_path / "b.json"),
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "speedup" in out
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["batch"] for r in rows] == [1, 2]
-    assert all(r["max_abs_diff"] < 1e-4 and r["speedup"] > 0 for r in rows)
-
-
-def test_cli_bench_without_a_baseline(cond_run_bundle, capsys):
-    assert main(["bench", str(cond_run_bundle), "--steps", "2", "--batch", "2", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "no diffusers baseline" in out and "per step ms" in out
 
 
 def test_cli_demo_runs_the_whole_chain(tmp_path, capsys):
