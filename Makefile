@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, from the pinned CPU build, so nothing later pulls a CUDA build
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,openvino,train,export,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,openvino,serve,train,export,dev]'
 	touch $(STAMP)
 
 lint: venv
