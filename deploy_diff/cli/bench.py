@@ -7,12 +7,11 @@ import argparse
 import time
 from typing import Any
 
+from ..runtime.precisions import BACKENDS, PRECISIONS
 from ._common import EXPORT_HINT_WORDS, add_command, int_list, passes
 
 NAME = "bench"
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "auto")
-PRECISIONS = ("fp32", "fp16", "bf16")
 QUALITIES = ("digits",)
 QUALITY_CHUNK = 256  # images per sampling call for --quality
 

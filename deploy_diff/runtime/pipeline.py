@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 
 from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds
-from .backends.base import SUPPORTED_PRECISIONS, check_precision, parse_device
+from .backends.base import parse_device
 from .bundle import Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
+from .precisions import BACKENDS, SUPPORTED_PRECISIONS, check_precision
 from .rng import TorchGenerator
 from .sampling import sample
 from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
 __all__ = ["BACKENDS", "Pipeline", "select_backend"]
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "auto")
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..precisions import PRECISIONS, SUPPORTED_PRECISIONS, check_precision
+
 __all__ = [
     "PRECISIONS",
     "SUPPORTED_PRECISIONS",
@@ -46,37 +48,6 @@ __all__ = [
 
 #: the dtype each UNet input is fed as, unless the graph declares another
 INPUT_DTYPES = {"sample": np.dtype(np.float32), "timestep": np.dtype(np.float32), "class_labels": np.dtype(np.int64)}
-
-
-#: what ``precision=`` may name: the arithmetic a backend computes in
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-#: backend -> the precisions it computes in. ONNX Runtime and TensorRT run a bundle's fp32 or fp16 graph; OpenVINO
-#: computes the fp32 graph in f32 or bf16 (CPUs with bf16 arithmetic). int8 is not offered: see docs/benchmarks.md.
-SUPPORTED_PRECISIONS = {
-    "onnxruntime": ("fp32", "fp16"),
-    "tensorrt": ("fp32", "fp16"),
-    "openvino": ("fp32", "bf16"),
-}
-
-
-def check_precision(backend: str, precision: Any) -> str:
-    """``precision`` if ``backend`` computes in it; else ``ValueError`` listing what that backend supports."""
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"precision must be one of {list(PRECISIONS)}; got {precision!r} (int8 is not offered: it costs 6-10% "
-            "error per UNet forward for at most 1.4x; see docs/benchmarks.md)"
-        )
-    supported = SUPPORTED_PRECISIONS.get(backend)
-    if supported is None:
-        raise ValueError(f"backend must be one of {list(SUPPORTED_PRECISIONS)}; got {backend!r}")
-    if precision not in supported:
-        others = [b for b, ps in SUPPORTED_PRECISIONS.items() if precision in ps]
-        raise ValueError(
-            f"the {backend} backend supports precision {list(supported)}; got {precision!r} ({precision} runs "
-            f"on {', '.join(others)})"
-        )
-    return precision
 
 
 def check_num_threads(num_threads: Any) -> int | None:
