@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..runtime.precisions import SUPPORTED_PRECISIONS
 from ._common import EXPORT_HINT_WORDS, add_command, class_list
 
 NAME = "sample"
@@ -59,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        help="what is computed: fp32 (default), fp16 (onnxruntime, tensorrt), bf16 (openvino on CPUs with bf16)",
+        help="what is computed (default fp32): "
+        + "; ".join(f"{b} {', '.join(ps)}" for b, ps in SUPPORTED_PRECISIONS.items())
+        + " (bf16 on CPUs with bf16 arithmetic)",
     )
     p.add_argument("--threads", type=int, help="CPU threads of ONNX Runtime / OpenVINO (default: one per core)")
     p.add_argument("--cache-dir", help="OpenVINO's compiled-model cache folder (default: no cache)")
