@@ -5,6 +5,7 @@ Ray is imported inside :func:`ray_init` only, so importing this module stays che
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -39,6 +40,7 @@ def require_pixel_bundle(bundle: Any) -> Any:
 def ray_init(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> Any:
     """Connect to Ray: join the cluster at ``address`` (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``), or
     with ``address=None`` start a local instance on the loopback interface with ``num_cpus`` CPUs (default: all).
+    An address on the loopback interface (``127.0.0.1:PORT``) joins such a local instance.
 
     No dashboard, usage statistics off. A local instance is a single-machine one: its node address is 127.0.0.1,
     so Ray's own servers (GCS, raylet, workers) listen on the loopback interface only. When Ray is already
@@ -46,20 +48,33 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     arguments go to ``ray.init``.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        # Ray's switch for a node that is never part of a cluster (its default on macOS and Windows): the node
-        # advertises and binds 127.0.0.1 instead of the machine's network address. Read when ray is imported,
-        # and by the processes the local instance starts (they inherit the environment).
-        os.environ[_LOCAL_ONLY_ENV] = "0"
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    if address is None or _is_loopback(address):
+        # Ray's switch for a node that is never part of a cluster (its default on macOS and Windows): the node
+        # advertises and binds 127.0.0.1 instead of the machine's network address (and a loopback address is
+        # not translated into that network address). Read at import (patched here, as ray is imported already)
+        # and by the processes a local instance starts (they inherit the environment).
+        from ray._private import ray_constants
+
+        os.environ[_LOCAL_ONLY_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if address is not None:
         if num_cpus is not None:
             raise ValueError("num_cpus applies to a local Ray instance only; a cluster at address= has its own")
         return ray.init(address=address, include_dashboard=False, **kwargs)
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # ray may have been imported before the variable was set
     return ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (``HOST:PORT``, ``ray://HOST:PORT``) names this machine's loopback interface: a
+    loopback-only instance, which Ray would otherwise look for at the machine's network address."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
