@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -275,7 +276,7 @@ class Ingress:
         except asyncio.TimeoutError:
             response.cancel()
             return _error(504, None, f"the request took longer than this server's {self.request_timeout_s:g} s limit")
-        except RayActorError as e:
+        except (RayActorError, DeploymentUnavailableError) as e:
             return _error(
                 503,
                 None,
@@ -302,19 +303,19 @@ def build_app(bundle: str | os.PathLike, options: ServeOptions | None = None) ->
     return Ingress.bind(model, path, options.limits, options.request_timeout_s, options.max_batch_size)
 
 
-def _port_free(host: str, port: int) -> bool:
+def _check_port(host: str, port: int) -> None:
+    """An ``OSError`` naming the reason when nothing could listen on ``host:port`` (in use, no such address)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another port or host") from None
 
 
 def _get(url: str, timeout: float) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - our own server's URL
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -377,8 +378,8 @@ class Server:
         require_pixel_bundle(bundle)  # a bad bundle never gets as far as Ray
         Pipeline.from_bundle(bundle, num_threads=1)  # nor a graph that does not open or fit its manifest
         self.bundle = bundle.path
-        if not ray.is_initialized() and self.address is None and not _port_free(self.host, self.port):
-            raise OSError(f"port {self.port} on {self.host} is in use; pick another port")
+        if not ray.is_initialized() and self.address is None:
+            _check_port(self.host, self.port)
         self._started_ray = not ray.is_initialized()
         ray_init(address=self.address)
         try:
