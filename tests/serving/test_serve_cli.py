@@ -121,3 +121,15 @@ def test_refuses_a_bad_bundle_before_starting_ray(cond_run_bundle, tmp_path):
 def test_refuses_bad_flags(cond_run_bundle, flags, words):
     r = run_cli(str(cond_run_bundle), *flags)
     assert r.returncode == 1 and words in r.stderr, r.stderr
+
+
+def test_refuses_a_busy_port_before_starting_ray(cond_run_bundle):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli(str(cond_run_bundle), "--port", str(port))
+    assert r.returncode == 1 and r.stdout == ""
+    assert f"deploy-diff serve: error: OSError: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
