@@ -65,7 +65,6 @@ import tempfile
 import textwrap
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,34 +158,8 @@ def loadavg() -> float | None:
 # ----------------------------------------------------------------------------------------------- torch peers
 
 
-def torch_peer(folder: Path, scheduler_config: dict, bf16: bool, compiled: bool) -> Callable[..., np.ndarray]:
-    """``f(num_images, steps, seed) -> images``: DDIMPipeline on the UNet in ``folder``, eager or compiled, fp32 or
-    bf16 autocast with channels_last."""
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
-
-    unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).eval()
-    if bf16:
-        unet = unet.to(memory_format=torch.channels_last)
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config))
-    if compiled:
-        pipe.unet = torch.compile(unet, dynamic=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def run(num_images: int, steps: int, seed: int = 0) -> np.ndarray:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return pipe(
-                batch_size=num_images,
-                num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="np",
-            ).images
-
-    return run
-
-
-def torch_peers(folder: Path, bundle, compile_variants: list[str]) -> list[tuple[str, str, str, bool, Any]]:
+def torch_peers(bundle, compile_variants: list[str]) -> list[tuple[str, str, str, bool, Any]]:
     """(row id, label, precision, compiled, f) for every torch row; the first is the fp32 baseline."""
-    config = bundle.scheduler_config()
     baseline = diffusers_baseline(bundle, "ddim")
     if isinstance(baseline, str):
         raise RuntimeError(baseline)
@@ -205,7 +178,7 @@ def torch_peers(folder: Path, bundle, compile_variants: list[str]) -> list[tuple
             )
         )
     return [
-        (rid, label, prec, compiled, f or torch_peer(folder, config, prec == "bf16", compiled))
+        (rid, label, prec, compiled, f or diffusers_baseline(bundle, "ddim", bf16=prec == "bf16", compiled=compiled))
         for rid, label, prec, compiled, f in peers
     ]
 
@@ -414,7 +387,7 @@ def run_model(name: str, root: Path, args, batches: list[int], ov: dict | None) 
     bundle_dir = build(name, root)
     folder = root / name
     bundle = load_bundle(bundle_dir)
-    peers = torch_peers(folder, bundle, args.compile_variants)
+    peers = torch_peers(bundle, args.compile_variants)
     info = {
         "parameters": unet_parameters(folder),
         "sample_shape": [bundle.model.in_channels, *bundle.model.sample_size],

@@ -101,9 +101,13 @@ def _diffusers_unet_folder(source: dict[str, Any]) -> Path | None:
     return path / "unet" if (path / "model_index.json").is_file() else path
 
 
-def diffusers_baseline(bundle, scheduler: str, threads: int | None = None):
+def diffusers_baseline(bundle, scheduler: str, threads: int | None = None, bf16: bool = False, compiled: bool = False):
     """A callable ``f(num_images, steps, seed) -> images`` running the diffusers pipeline on torch for the
-    UNet the bundle was exported from, or a string saying why there is none."""
+    UNet the bundle was exported from, or a string saying why there is none.
+
+    Eager fp32 by default (the baseline); ``bf16=True``: the UNet in channels_last, called under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``; ``compiled=True``: the UNet wrapped in
+    ``torch.compile(dynamic=False)`` (the compile happens at the first call)."""
     source = bundle.manifest["model"].get("source") or {}
     unet_dir = _diffusers_unet_folder(source)
     if unet_dir is None:
@@ -120,15 +124,19 @@ def diffusers_baseline(bundle, scheduler: str, threads: int | None = None):
     if threads:
         torch.set_num_threads(threads)
     unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
+    if bf16:
+        unet = unet.to(memory_format=torch.channels_last)
     config = bundle.scheduler_config()
     if scheduler == "ddim":
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(config))
     else:
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(config))
+    if compiled:
+        pipe.unet = torch.compile(unet, dynamic=False)
     pipe.set_progress_bar_config(disable=True)
 
     def run(num_images: int, steps: int, seed: int = 0) -> np.ndarray:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return pipe(
                 batch_size=num_images,
                 num_inference_steps=steps,
