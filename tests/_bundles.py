@@ -96,3 +96,27 @@ def diffusers_images(pipeline_dir, kind, seed, n=3, steps=50, eta=0.0):
     pipe = DDPMPipeline(unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+def call_in_threads(fn, jobs, repeats=1):
+    """``fn(job)`` for every job, each job on its own thread (``repeats`` times in a row), all threads at once;
+    the last result per job, in order. An exception in any thread is raised here."""
+    import threading
+
+    results, errors = [None] * len(jobs), []
+
+    def work(i):
+        try:
+            for _ in range(repeats):
+                results[i] = fn(jobs[i])
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

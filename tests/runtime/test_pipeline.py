@@ -3,11 +3,10 @@ threads, batching, output types and clear errors."""
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
-from _bundles import IMAGE_TOL, diffusers_images
+from _bundles import IMAGE_TOL, call_in_threads, diffusers_images
 
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime.bundle import BundleError, load_bundle
@@ -154,21 +153,7 @@ def test_threads_sharing_one_pipeline_give_the_serial_images(cond_run_bundle):
     pipe = Pipeline.from_bundle(cond_run_bundle, scheduler="dpmsolver++")
     jobs = [dict(seed=s, class_labels=s % 10, guidance_scale=None if s % 2 else 2.5) for s in range(8)]
     serial = [pipe(num_images=2, num_inference_steps=8, **job) for job in jobs]
-    results = [None] * len(jobs)
-    errors = []
-
-    def work(i):
-        try:
-            results[i] = pipe(num_images=2, num_inference_steps=8, **jobs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = call_in_threads(lambda job: pipe(num_images=2, num_inference_steps=8, **job), jobs)
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
 

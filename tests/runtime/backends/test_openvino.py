@@ -2,11 +2,10 @@
 model per batch shape (least recently used dropped), threads, the model cache, and clear errors."""
 
 import sys
-import threading
 
 import numpy as np
 import pytest
-from _bundles import IMAGE_TOL, diffusers_images
+from _bundles import IMAGE_TOL, call_in_threads, diffusers_images
 
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime.backends import BackendUnavailableError
@@ -105,21 +104,7 @@ def test_threads_share_one_runner(cond_run_bundle):
     runner = OpenVINORunner(cond_run_bundle / "unet.onnx", num_threads=1)
     jobs = [_inputs(1 + i % 3, labels=True, seed=i) for i in range(12)]
     serial = [runner(*job) for job in jobs]
-    results, errors = [None] * len(jobs), []
-
-    def work(i):
-        try:
-            for _ in range(3):
-                results[i] = runner(*jobs[i])
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = call_in_threads(lambda job: runner(*job), jobs, repeats=3)
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
     runner.close()
