@@ -33,9 +33,12 @@ __all__ = ["BACKENDS", "Pipeline", "select_backend"]
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
 
 
-def select_backend(backend: str, device: str = "cpu", precision: str = "fp32") -> str:
+def select_backend(
+    backend: str, device: str = "cpu", precision: str = "fp32", onnxruntime_options: bool = False
+) -> str:
     """The backend that runs ``device`` in ``precision``: ``backend`` itself, checked, or for ``"auto"`` OpenVINO
-    when it is installed, ``device`` is the CPU and OpenVINO computes in ``precision``, else ONNX Runtime.
+    when it is installed, ``device`` is the CPU and OpenVINO computes in ``precision``, else ONNX Runtime (always
+    ONNX Runtime when ``onnxruntime_options``: the caller set ONNX Runtime's own ``providers`` / ``cuda_graph``).
 
     Reduced precision is never chosen here: ``precision`` is what the caller asked for. Raises ``ValueError`` for
     an unknown backend or device, or a precision the backend does not compute in.
@@ -46,7 +49,12 @@ def select_backend(backend: str, device: str = "cpu", precision: str = "fp32") -
     if backend == "auto":
         from .backends.openvino import openvino_available
 
-        on_openvino = kind == "cpu" and precision in SUPPORTED_PRECISIONS["openvino"] and openvino_available()
+        on_openvino = (
+            kind == "cpu"
+            and not onnxruntime_options
+            and precision in SUPPORTED_PRECISIONS["openvino"]
+            and openvino_available()
+        )
         backend = "openvino" if on_openvino else "onnxruntime"
     if backend == "openvino" and kind != "cpu":
         raise ValueError(f"the openvino backend supports device 'cpu' only; got {device!r}")
@@ -129,7 +137,7 @@ class Pipeline:
         (off unless given; other backends ignore it).
         """
         bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=verify)
-        backend = select_backend(backend, device, precision)
+        backend = select_backend(backend, device, precision, cuda_graph or providers is not None)
         if backend != "onnxruntime" and (cuda_graph or providers is not None):
             raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")
         if backend == "onnxruntime":

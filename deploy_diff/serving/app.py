@@ -376,7 +376,7 @@ class Server:
 
         bundle = self.bundle if isinstance(self.bundle, Bundle) else load_bundle(self.bundle, verify=True)
         require_pixel_bundle(bundle)  # a bad bundle never gets as far as Ray
-        Pipeline.from_bundle(bundle, num_threads=1)  # nor a graph that does not open or fit its manifest
+        Pipeline.from_bundle(bundle, num_threads=1).runner.close()  # nor a graph that does not open or fit its manifest
         self.bundle = bundle.path
         if not ray.is_initialized() and self.address is None:
             _check_port(self.host, self.port)

@@ -170,6 +170,7 @@ def _settings(
     # the scheduler rules (name, prediction type) are the Pipeline's own; no model is loaded for them
     sched = Pipeline(None, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle).make_scheduler()
     steps = check_num_inference_steps(num_inference_steps, sched.config.get("num_train_timesteps"))
+    sched.set_timesteps(steps)  # the scheduler's own rule for the step count, before any worker starts
     m = bundle.model
     null = m.null_class_label if m.conditional else None
     return {
@@ -269,7 +270,7 @@ def _prepare_folder(
                 "folder"
             )
         key = _settings_mismatch(old["settings"], settings)
-        if key is not None:
+        if key is not None and old.get("shards"):  # a folder with no shard yet holds nothing its settings decide
             raise GenerateError(
                 f"{root} was generated with {key}={old['settings'].get(key)!r}; this run has "
                 f"{key}={settings[key]!r}: rerun with the same settings to resume, or use another out folder"
@@ -326,7 +327,11 @@ class GenerateWorker:
             )
         self.settings = settings
         self.pipe = Pipeline.from_bundle(
-            bundle_path, scheduler=settings["scheduler"], num_threads=settings["num_threads"]
+            bundle_path,
+            backend=settings["backend"],
+            precision=settings["precision"],
+            scheduler=settings["scheduler"],
+            num_threads=settings["num_threads"],
         )
 
     def run(self, seeds: list[int], class_labels: list[int] | None) -> np.ndarray:
@@ -503,6 +508,7 @@ def generate(
         "seconds": None,
     }
     manifest["runs"].append(run)
+    ray = _import_ray() if todo else None  # a missing Ray is said before the folder is made
     root.mkdir(parents=True, exist_ok=True)
     _write_manifest(root, manifest)  # first: the folder says what it holds before any shard is computed
     if not todo:
@@ -511,7 +517,6 @@ def generate(
         _write_manifest(root, manifest)
         return manifest
 
-    ray = _import_ray()
     started_ray = not ray.is_initialized()
     if started_ray:
         ray_init(address=address)

@@ -26,12 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from ..precisions import SUPPORTED_PRECISIONS, check_precision
 from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
 
 __all__ = ["OPENVINO_PRECISIONS", "OpenVINORunner", "bf16_supported", "load_model", "openvino_available"]
 
-#: precision name -> OpenVINO's inference precision
+#: precision name -> OpenVINO's inference precision (the names are SUPPORTED_PRECISIONS["openvino"])
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+assert tuple(OPENVINO_PRECISIONS) == SUPPORTED_PRECISIONS["openvino"]
 _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
@@ -101,8 +103,7 @@ class OpenVINORunner(Runner):
         kind, _ = parse_device(device)
         if kind != "cpu":
             raise ValueError(f"the OpenVINO backend supports device 'cpu' only; got {device!r}")
-        if precision not in OPENVINO_PRECISIONS:
-            raise ValueError(f"the OpenVINO backend supports precision {list(OPENVINO_PRECISIONS)}; got {precision!r}")
+        check_precision("openvino", precision)
         check_num_threads(num_threads)
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
             raise ValueError(f"max_shapes must be a positive integer; got {max_shapes!r}")
@@ -187,10 +188,14 @@ class OpenVINORunner(Runner):
         compiled = self._compiled_for(shape)
         key = (threading.get_ident(), shape)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this OpenVINORunner was closed")
             held = self._requests.get(key)
             if held is not None and held[0] is compiled:
                 return held[1]
             request = compiled.create_infer_request()
+            if self._compiled.get(shape) is not compiled:  # dropped meanwhile by another thread: use it once
+                return request
             live = {t.ident for t in threading.enumerate()}
             for k in [k for k in self._requests if k[0] not in live]:  # requests of threads that ended
                 del self._requests[k]

@@ -47,6 +47,8 @@ def test_auto_never_chooses_a_reduced_precision_itself(monkeypatch):
     assert select_backend("auto", "cpu", "fp16") == "onnxruntime"  # OpenVINO does not run the fp16 graph
     assert select_backend("auto", "cuda", "fp32") == "onnxruntime"
     assert select_backend("auto", "cuda:1", "fp16") == "onnxruntime"
+    # ONNX Runtime's own options (providers=, cuda_graph=) make auto pick ONNX Runtime, installed OpenVINO or not
+    assert select_backend("auto", "cpu", "fp32", onnxruntime_options=True) == "onnxruntime"
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert select_backend("auto", "cpu", "fp32") == "onnxruntime"
     with pytest.raises(ValueError, match="onnxruntime backend supports precision"):
