@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from pipeline_speed import MODELS, build  # benchmarks/ is sys.path[0] when run as a script
 
-from deploy_diff.analysis.bench import TimedRunner, diffusers_baseline, image_diff, time_call
+from deploy_diff.analysis.bench import PEAK_RSS_SOURCE, TimedRunner, diffusers_baseline, image_diff, time_call
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime._fileio import atomic_write_text
 from deploy_diff.runtime.backends.openvino import bf16_supported, openvino_available
@@ -247,14 +247,6 @@ def time_torch(f, batch: int, steps: int, repeats: int, warmup_steps: int) -> di
 
 # ----------------------------------------------------------------------------------------------- cold start
 
-_PEAK_RSS = """
-def peak_rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
-"""
 
 _COLD_OURS = """
 import json, sys, time
@@ -305,7 +297,7 @@ def child(code: str, *args: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS + textwrap.dedent(code), *args],
+        [sys.executable, "-c", PEAK_RSS_SOURCE + textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         env=env,

@@ -149,7 +149,7 @@ def diffusers_baseline(bundle, scheduler: str, threads: int | None = None, bf16:
 
 # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report its
 # (large) parent's peak; VmHWM belongs to the new address space.
-_PEAK_RSS = """
+PEAK_RSS_SOURCE = """
 def peak_rss():
     with open("/proc/self/status") as f:
         for line in f:
@@ -190,7 +190,7 @@ print(elapsed, peak_rss(), True)
 def _child(code: str, *args: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS + textwrap.dedent(code), *args],
+        [sys.executable, "-c", PEAK_RSS_SOURCE + textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         env=env,
