@@ -127,6 +127,7 @@ def test_unusable_out_folders_and_bundles_are_refused(diffusers_bundle, tmp_path
 def test_a_worker_refuses_a_bundle_that_is_not_the_drivers(diffusers_bundle):
     """On a cluster every node reads the bundle at the driver's path; a node holding another one says so."""
     settings = {"scheduler": None, "num_threads": 1, "num_inference_steps": 2, "guidance_scale": None}
+    settings.update(backend="onnxruntime", precision="fp32")
     with pytest.raises(GenerateError, match=r"is not the driver's \(sha256 000000000000\.\.\., found [0-9a-f]{12}\)"):
         GenerateWorker(str(diffusers_bundle), "0" * 64, settings)
     worker = GenerateWorker(str(diffusers_bundle), bundle_sha256(diffusers_bundle), settings)  # the right one runs
