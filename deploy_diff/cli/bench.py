@@ -77,27 +77,13 @@ def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 def _runs_on(bundle, backend: str, precision: str, device: str) -> str:
-    """The backend that runs ``precision`` (``auto`` resolved) on ``bundle``, or the library's ValueError (a
-    BundleError when the bundle lacks that ONNX graph); OpenVINO's presence (an ImportError) and a CPU with bf16
-    arithmetic are checked here too, so that nothing fails after minutes of timing."""
-    from ..runtime.backends import BackendUnavailableError
-    from ..runtime.pipeline import select_backend
+    """The backend that runs ``precision`` (``auto`` resolved) on ``bundle`` and its fp32 reference, checked by the
+    library before any timing (a missing graph or engine, OpenVINO's absence, a CPU without bf16), so that nothing
+    fails after minutes of timing."""
+    from ..runtime.pipeline import check_backend
 
-    resolved = select_backend(backend, device, precision)  # auto: the backend it picks for this precision
-    select_backend(resolved, device, "fp32")  # the reference every row is compared with
-    if resolved == "onnxruntime":
-        bundle.graph_path(precision)
-    elif resolved == "openvino":
-        from ..runtime.backends.openvino import bf16_supported, openvino_available
-
-        bundle.graph_path("fp32")  # OpenVINO computes the fp32 graph in either precision
-        if not openvino_available():
-            raise BackendUnavailableError("the openvino backend needs openvino: pip install 'deploy-diff[openvino]'")
-        if precision == "bf16" and not bf16_supported():
-            raise ValueError(
-                "precision 'bf16' needs a CPU with bf16 arithmetic (AVX512-BF16 or AMX); OpenVINO reports none here"
-            )
-    # tensorrt: whether the bundle has an engine of each precision is the library's to say, when it is loaded
+    resolved = check_backend(bundle, backend, device, precision)  # auto: the backend it picks for this precision
+    check_backend(bundle, resolved, device, "fp32")  # the reference every row is compared with
     return resolved
 
 

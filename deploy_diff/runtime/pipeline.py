@@ -15,6 +15,7 @@ import copy
 import os
 import secrets
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from .rng import TorchGenerator
 from .sampling import sample
 from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
-__all__ = ["BACKENDS", "Pipeline", "select_backend"]
+__all__ = ["BACKENDS", "Pipeline", "check_backend", "graph_for", "select_backend"]
 
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
 
@@ -59,6 +60,49 @@ def select_backend(
     if backend == "openvino" and kind != "cpu":
         raise ValueError(f"the openvino backend supports device 'cpu' only; got {device!r}")
     check_precision(backend, precision)
+    return backend
+
+
+def graph_for(bundle: Bundle, backend: str, precision: str) -> Path:
+    """The file ``backend`` opens to compute in ``precision``: ONNX Runtime the bundle's graph of that precision,
+    OpenVINO the fp32 graph (it lowers the arithmetic itself), TensorRT the engine the manifest records in that
+    precision (else the one whose file name states it). ``BundleError`` when the bundle has no such file."""
+    if backend == "onnxruntime":
+        return bundle.graph_path(precision)
+    if backend == "openvino":
+        return bundle.graph_path("fp32")
+    from .backends.tensorrt import engine_precision
+
+    engines = bundle.engines
+    if not engines:
+        raise ValueError(
+            f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on the GPU that will "
+            "run it)"
+        )
+    recorded = {
+        str(e.get("file")): e.get("precision") for e in bundle.manifest.get("engines") or [] if isinstance(e, dict)
+    }
+    precisions = {
+        e: recorded.get(e.relative_to(bundle.path).as_posix()) or engine_precision(e) or "fp32" for e in engines
+    }
+    wanted = [e for e in engines if precisions[e] == precision]
+    if not wanted:
+        raise BundleError(
+            f"bundle {bundle.path} has no {precision} TensorRT engine; it has {sorted(set(precisions.values()))}"
+        )
+    return wanted[0]
+
+
+def check_backend(bundle: Bundle, backend: str, device: str = "cpu", precision: str = "fp32") -> str:
+    """The backend :meth:`Pipeline.from_bundle` would open for these arguments (``"auto"`` resolved), after checking
+    what can be checked without building a runner: the pair itself, the file it opens, and for OpenVINO that it
+    is installed and the CPU computes in ``precision``. Raises what ``from_bundle`` would."""
+    backend = select_backend(backend, device, precision)
+    graph_for(bundle, backend, precision)
+    if backend == "openvino":
+        from .backends.openvino import require_precision
+
+        require_precision(precision)
     return backend
 
 
@@ -144,7 +188,7 @@ class Pipeline:
             from .backends.onnxruntime import OnnxRuntimeRunner
 
             runner = OnnxRuntimeRunner(
-                bundle.graph_path(precision),
+                graph_for(bundle, backend, precision),
                 device=device,
                 providers=providers,
                 num_threads=num_threads,
@@ -155,33 +199,14 @@ class Pipeline:
             from .backends.openvino import OpenVINORunner
 
             runner = OpenVINORunner(
-                bundle.graph_path("fp32"), device=device, precision=precision, num_threads=num_threads,
+                graph_for(bundle, backend, precision), device=device, precision=precision, num_threads=num_threads,
                 cache_dir=cache_dir,
             )  # fmt: skip
         else:
-            from .backends.tensorrt import TensorRTRunner, engine_precision
+            from .backends.tensorrt import TensorRTRunner
 
-            engines = bundle.engines
-            if not engines:
-                raise ValueError(
-                    f"bundle {bundle.path} has no TensorRT engine (export_bundle(..., tensorrt=True) on "
-                    "the GPU that will run it)"
-                )
-            # the precision each engine was built in: the manifest's record, else what its file name says
-            recorded = {
-                str(e.get("file")): e.get("precision")
-                for e in bundle.manifest.get("engines") or []
-                if isinstance(e, dict)
-            }
-            precisions = {
-                e: recorded.get(e.relative_to(bundle.path).as_posix()) or engine_precision(e) or "fp32" for e in engines
-            }
-            wanted = [e for e in engines if precisions[e] == precision]
-            if not wanted:
-                have = sorted(set(precisions.values()))
-                raise BundleError(f"bundle {bundle.path} has no {precision} TensorRT engine; it has {have}")
             _, device_id = parse_device(device)  # TensorRT always runs on a GPU: "cpu" (the default) means GPU 0
-            runner = TensorRTRunner(wanted[0], device_id=device_id, precision=precision)
+            runner = TensorRTRunner(graph_for(bundle, backend, precision), device_id=device_id, precision=precision)
         _check_runner_matches(runner, bundle)
         return cls(runner, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle)
 

@@ -29,7 +29,14 @@ import numpy as np
 from ..precisions import SUPPORTED_PRECISIONS, check_precision
 from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
 
-__all__ = ["OPENVINO_PRECISIONS", "OpenVINORunner", "bf16_supported", "load_model", "openvino_available"]
+__all__ = [
+    "OPENVINO_PRECISIONS",
+    "OpenVINORunner",
+    "bf16_supported",
+    "load_model",
+    "openvino_available",
+    "require_precision",
+]
 
 #: precision name -> OpenVINO's inference precision (the names are SUPPORTED_PRECISIONS["openvino"])
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -54,6 +61,20 @@ def bf16_supported(core: Any = None) -> bool:
     """Whether OpenVINO's CPU plugin computes in bf16 on this CPU (AVX512-BF16 or AMX)."""
     core = _import_ov().Core() if core is None else core
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def require_precision(precision: str, core: Any = None) -> Any:
+    """An ``openvino.Core`` ready to compute in ``precision``: ``ValueError`` for a precision OpenVINO does not
+    offer or bf16 on a CPU without bf16 arithmetic, :class:`~.base.BackendUnavailableError` without openvino."""
+    check_precision("openvino", precision)
+    core = _import_ov().Core() if core is None else core
+    if precision == "bf16" and not bf16_supported(core):
+        name = core.get_property("CPU", "FULL_DEVICE_NAME")
+        raise ValueError(
+            f"precision='bf16' needs a CPU with bf16 arithmetic (AVX512-BF16 or AMX); {name} has none: "
+            "use precision='fp32'"
+        )
+    return core
 
 
 def load_model(graph: str | os.PathLike, core: Any = None) -> Any:
@@ -103,21 +124,13 @@ class OpenVINORunner(Runner):
         kind, _ = parse_device(device)
         if kind != "cpu":
             raise ValueError(f"the OpenVINO backend supports device 'cpu' only; got {device!r}")
-        check_precision("openvino", precision)
         check_num_threads(num_threads)
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
             raise ValueError(f"max_shapes must be a positive integer; got {max_shapes!r}")
         if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise ValueError(f"cache_dir {cache_dir} is a file; give a folder for OpenVINO's model cache")
         self.path = Path(graph)
-        self._ov = _import_ov()
-        self.core, self.model = load_model(graph)
-        if precision == "bf16" and not bf16_supported(self.core):
-            name = self.core.get_property("CPU", "FULL_DEVICE_NAME")
-            raise ValueError(
-                f"precision='bf16' needs a CPU with bf16 arithmetic (AVX512-BF16 or AMX); {name} has none: "
-                "use precision='fp32'"
-            )
+        self.core, self.model = load_model(graph, require_precision(precision))
         self.config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
             "PERFORMANCE_HINT": "LATENCY",
@@ -142,10 +155,11 @@ class OpenVINORunner(Runner):
         # compile the first shape now: a graph OpenVINO cannot compile, or a precision it does not apply, fails
         # at load time, and the first image does not wait for it
         first = [self.static_batch or 1] + [d or 1 for d in self.sample_shape]
-        self.precision = self._precision_of(self._compiled_for(tuple(first)))
+        compiled = self._compiled_for(tuple(first))
+        self.precision = self._precision_of(compiled)
         if self.precision != precision:
             raise RuntimeError(f"OpenVINO compiled {self.path.name} in {self.precision}, not the {precision} asked for")
-        self.num_threads = int(self._compiled_for(tuple(first)).get_property("INFERENCE_NUM_THREADS"))
+        self.num_threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
 
     def _precision_of(self, compiled: Any) -> str:
         t = compiled.get_property("INFERENCE_PRECISION_HINT")
