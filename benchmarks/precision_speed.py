@@ -59,10 +59,7 @@ import logging
 import math
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -72,7 +69,7 @@ import numpy as np
 import torch
 from pipeline_speed import MODELS, build  # benchmarks/ is sys.path[0] when run as a script
 
-from deploy_diff.analysis.bench import PEAK_RSS_SOURCE, TimedRunner, diffusers_baseline, image_diff, time_call
+from deploy_diff.analysis.bench import TimedRunner, diffusers_baseline, image_diff, run_child, time_call
 from deploy_diff.runtime import Pipeline
 from deploy_diff.runtime._fileio import atomic_write_text
 from deploy_diff.runtime.backends.openvino import bf16_supported, openvino_available
@@ -294,19 +291,8 @@ print(json.dumps({
 
 
 def child(code: str, *args: str) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_SOURCE + textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    process_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"cold-start child failed: {proc.stderr.strip().splitlines()[-1:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    line, process_s = run_child(code, *args)
+    out = json.loads(line)
     out["process_s"] = process_s
     return out
 

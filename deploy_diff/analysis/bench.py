@@ -28,6 +28,7 @@ __all__ = [
     "diffusers_baseline",
     "dumps",
     "image_diff",
+    "run_child",
     "sample_for_quality",
     "time_call",
     "time_pipeline",
@@ -187,8 +188,11 @@ print(elapsed, peak_rss(), True)
 """
 
 
-def _child(code: str, *args: str) -> dict[str, Any]:
+def run_child(code: str, *args: str) -> tuple[str, float]:
+    """Run ``code`` (which may call ``peak_rss()``) in a fresh Python with ``args``; its last line of output and the
+    process's whole wall time in seconds (interpreter start included). ``RuntimeError`` if it fails."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", PEAK_RSS_SOURCE + textwrap.dedent(code), *args],
         capture_output=True,
@@ -196,9 +200,14 @@ def _child(code: str, *args: str) -> dict[str, Any]:
         env=env,
         timeout=600,
     )
+    process_s = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start child failed: {proc.stderr.strip().splitlines()[-1:]}")
-    seconds, rss, torch_loaded, *runner = proc.stdout.strip().splitlines()[-1].split()
+    return proc.stdout.strip().splitlines()[-1], process_s
+
+
+def _child(code: str, *args: str) -> dict[str, Any]:
+    seconds, rss, torch_loaded, *runner = run_child(code, *args)[0].split()
     out = {"seconds": float(seconds), "peak_rss_bytes": int(rss), "torch_imported": torch_loaded == "True"}
     if runner:  # ours: which runner ran, and the precision it computes in
         out["runner"], out["runner_precision"] = runner
