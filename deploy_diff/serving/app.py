@@ -87,7 +87,7 @@ def _request_id() -> str:
 class Model:
     """A model replica: one pipeline, dynamic batching over images (see the module docstring)."""
 
-    def __init__(self, bundle: str, threads: int = 1, max_batch_size: int = 16, batch_wait_s: float = 0.01):
+    def __init__(self, bundle: str, threads: int, max_batch_size: int, batch_wait_s: float):
         from ._common import require_pixel_bundle
 
         self.bundle = require_pixel_bundle(load_bundle(bundle))
@@ -129,7 +129,8 @@ class Model:
             self._idle.set()
         return self._idle
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # the replica sets its own sizes in __init__ (set_max_batch_size); these are only the decorator's starting values
+    @serve.batch(max_batch_size=ServeOptions.max_batch_size, batch_wait_timeout_s=ServeOptions.batch_wait_ms / 1000)
     async def sample_image(self, items: list[tuple[tuple[Any, ...], int, int | None]]) -> list[Any]:
         """Images of any requests (each item: settings, seed, label) -> one uint8 [H, W, C] image each, or the
         exception that stopped it. Items that share settings run as one pipeline call."""
