@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--scheduler",
         help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc (default: the bundle's own)",
     )
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
+    p.add_argument("--steps", type=int, help="inference steps (default: the bundle's default_inference_steps, else 50)")
     p.add_argument("-n", "--num-images", type=int, default=16)
     p.add_argument(
         "--seed",
@@ -107,10 +107,11 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed
     if seed is not None and args.seed_per_image:
         seed = [args.seed + i for i in range(args.num_images)]
+    steps = pipe.inference_steps(args.steps)  # the bundle's own default when --steps is not given
     t0 = time.perf_counter()
     images = pipe(
         num_images=args.num_images,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         seed=seed,
         guidance_scale=args.guidance,
         class_labels=labels,
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.npz:
         if not out.endswith(".npz"):
             out += ".npz"
-        arrays = {"images": images, "steps": np.int64(args.steps)}
+        arrays = {"images": images, "steps": np.int64(steps)}
         if labels is not None:
             arrays["class_labels"] = np.broadcast_to(np.asarray(labels, np.int64), (args.num_images,))
         if args.seed is not None:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     sched = type(pipe.make_scheduler()).__name__
     backend = type(pipe.runner).__name__.removesuffix("Runner")
     print(
-        f"{args.num_images} image(s), {sched}, {args.steps} steps, {backend} {pipe.precision}, {elapsed:.2f} s "
+        f"{args.num_images} image(s), {sched}, {steps} steps, {backend} {pipe.precision}, {elapsed:.2f} s "
         f"({elapsed / args.num_images * 1000:.1f} ms/image) -> {out}"
     )
     return 0

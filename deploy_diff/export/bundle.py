@@ -203,6 +203,15 @@ def write_manifest(
             "outputs": outputs,
             "class_names": src.class_names,
             "source": src.source,
+            # only a model with its own sampling defaults (a distilled student) records them
+            **{
+                key: value
+                for key, value in (
+                    ("default_inference_steps", src.default_inference_steps),
+                    ("max_inference_steps", src.max_inference_steps),
+                )
+                if value is not None
+            },
         },
         "graphs": {p: GRAPH_FILES[p] for p in validation},
         "files": files,

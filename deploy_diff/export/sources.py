@@ -33,6 +33,9 @@ class ExportSource:
     scheduler_config: dict[str, Any]  # written as scheduler_config.json
     source: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
+    # how the model's own sampler is meant to run (a distilled few-step model); written into the manifest
+    default_inference_steps: int | None = None
+    max_inference_steps: int | None = None
 
     @property
     def conditional(self) -> bool:
@@ -101,6 +104,7 @@ def load_run_source(run_dir: str | Path, use_ema: bool = True) -> ExportSource:
     sched_path = ckpt.path / "scheduler_config.json"
     scheduler_config = _check_scheduler_config(_read_json(sched_path, "scheduler config"), str(sched_path))
     prediction_type = ckpt.meta.get("prediction_type") or scheduler_config.get("prediction_type", "epsilon")
+    sampling = ckpt.meta.get("sampling") or {}  # a distilled run's few-step defaults (deploy_diff.train.distill)
     return ExportSource(
         module=_RunModule(unet, config.num_classes > 0).eval(),
         sample_size=(config.sample_size, config.sample_size),
@@ -111,6 +115,8 @@ def load_run_source(run_dir: str | Path, use_ema: bool = True) -> ExportSource:
         prediction_type=prediction_type,
         scheduler_config=scheduler_config,
         class_names=ckpt.meta.get("class_names"),
+        default_inference_steps=sampling.get("default_inference_steps"),
+        max_inference_steps=sampling.get("max_inference_steps"),
         source={
             "kind": "deploy-diff",
             "path": str(run_dir.resolve()),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds
+from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds, is_int
 from .backends.base import parse_device
 from .bundle import Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
@@ -31,6 +31,7 @@ from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
 __all__ = ["BACKENDS", "Pipeline", "check_backend", "graph_for", "select_backend"]
 
+DEFAULT_INFERENCE_STEPS = 50  # for bundles that record no default_inference_steps
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
 
 
@@ -247,7 +248,7 @@ class Pipeline:
     def __call__(
         self,
         num_images: int = 1,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         seed: int | Sequence[int] | None = None,
         guidance_scale: float | None = None,
         class_labels: Any = None,
@@ -259,6 +260,9 @@ class Pipeline:
     ) -> Any:
         """Sample ``num_images`` images; return them (see :func:`~deploy_diff.runtime.images.to_images`).
 
+        ``num_inference_steps``: None takes the bundle's ``default_inference_steps`` (a distilled few-step model
+        records its own), else 50; with the bundle's own scheduler, more than its ``max_inference_steps`` is a
+        ``ValueError``.
         ``seed``: one int (one torch-compatible generator for the batch, as diffusers'
         ``generator=torch.manual_seed(seed)``), a list of ints (one generator per image: an image does not
         change with the batch it is in), or None (a random seed). ``output_type``: ``"np"`` float32
@@ -284,6 +288,7 @@ class Pipeline:
             conditional=m.conditional,
             where=f"num_images={n}",
         )
+        num_inference_steps = self.inference_steps(num_inference_steps)
         generator = self._generators(seed, n)
         shape = (n, m.in_channels, m.sample_size[0], m.sample_size[1])
         x = sample(
@@ -303,6 +308,25 @@ class Pipeline:
         if output_type == "latent":
             return x
         return to_images(x, output_type)
+
+    def inference_steps(self, num_inference_steps: int | None = None) -> int:
+        """The step count a call samples with: ``num_inference_steps``, or the bundle's ``default_inference_steps``
+        when None (50 for bundles that record none). With the bundle's own scheduler, a count above the bundle's
+        ``max_inference_steps`` is a ``ValueError`` naming that maximum."""
+        m = self.model
+        if num_inference_steps is None:
+            return m.default_inference_steps or DEFAULT_INFERENCE_STEPS
+        if (
+            self.scheduler is None
+            and m.max_inference_steps is not None
+            and is_int(num_inference_steps)
+            and num_inference_steps > m.max_inference_steps
+        ):
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} is more than this model's sampler takes: "
+                f"max_inference_steps={m.max_inference_steps} (its default is {m.default_inference_steps})"
+            )
+        return num_inference_steps
 
     def __repr__(self) -> str:
         where = f" from {self.bundle.path}" if self.bundle is not None else ""
