@@ -251,13 +251,19 @@ class Trainer:
             "parameters": count_parameters(self.model),
         }
 
+    def scheduler_config(self) -> dict[str, Any]:
+        """The run's ``scheduler_config.json``: how its model is sampled (here the forward process, as DDPM)."""
+        return {"_class_name": "DDPMScheduler", **self.noise_scheduler.diffusers_config()}
+
+    def sampler(self) -> tuple[Any, int]:
+        """The scheduler and step count of the run's sample grids (DDIM over the run's forward process)."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config), self.cfg.sample_steps
+
     def save(self) -> None:
         state = self._trainer_state()  # collective under DDP: every rank calls save()
         if not self.is_main:
             return
-        scheduler_json = (
-            json.dumps({"_class_name": "DDPMScheduler", **self.noise_scheduler.diffusers_config()}, indent=2) + "\n"
-        )
+        scheduler_json = json.dumps(self.scheduler_config(), indent=2) + "\n"
         save_checkpoint(
             self.out,
             self.step,
@@ -296,9 +302,9 @@ class Trainer:
 
     # -- sampling ----------------------------------------------------------------------------------------
     def sample_grid(self, num_images: int = 16, steps: int | None = None, seed: int = 0) -> np.ndarray:
-        """uint8 image grid from the EMA model through the runtime's sampling loop (DDIM)."""
+        """uint8 image grid from the EMA model through the runtime's sampling loop (:meth:`sampler`)."""
         runner = TorchRunner(self.ema, self.device)
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
+        scheduler, default_steps = self.sampler()
         labels = None
         if self.model_config.num_classes:
             labels = np.arange(num_images) % self.model_config.num_classes
@@ -306,7 +312,7 @@ class Trainer:
             runner,
             scheduler,
             (num_images, self.model_config.in_channels, self.model_config.sample_size, self.model_config.sample_size),
-            num_inference_steps=steps or self.cfg.sample_steps,
+            num_inference_steps=steps or default_steps,
             generator=TorchGenerator(seed),
             class_labels=labels,
             null_class_label=self.model_config.null_class_label,
@@ -334,13 +340,11 @@ class Trainer:
             labels = labels.to(self.device)
         return x0.to(self.device), t.to(self.device), noise.to(self.device), labels
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the loss."""
+    def compute_loss(self) -> torch.Tensor:
+        """The loss of one freshly drawn batch (the denoising loss; distillation overrides it)."""
         cfg = self.cfg
         x0, t, noise, labels = self._batch()
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
-        loss = diffusion_loss(
+        return diffusion_loss(
             self.ddp or self.model,
             x0,
             t,
@@ -352,6 +356,13 @@ class Trainer:
             cfg.loss_type,
             cfg.mixed_precision,
         )
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the loss."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        loss = self.compute_loss()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss became {loss.item()} at step {self.step + 1}; lower lr or use mixed_precision='no'"
