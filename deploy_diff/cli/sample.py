@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="PNG grid to write (or .npz with --npz)")
     p.add_argument(
         "--scheduler",
-        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc (default: the bundle's own)",
+        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc, lcm (default: the bundle's own)",
     )
     p.add_argument("--steps", type=int, help="inference steps (default: the bundle's default_inference_steps, else 50)")
     p.add_argument("-n", "--num-images", type=int, default=16)

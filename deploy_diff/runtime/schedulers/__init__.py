@@ -12,6 +12,7 @@ from .dpmsolver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .lcm import LCMScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "LCMScheduler",
     "SchedulerConfig",
     "SchedulerOutput",
     "UniPCMultistepScheduler",
@@ -42,6 +44,7 @@ SCHEDULER_CLASSES: dict[str, type[BaseScheduler]] = {
         EulerAncestralDiscreteScheduler,
         HeunDiscreteScheduler,
         UniPCMultistepScheduler,
+        LCMScheduler,
     )
 }
 
@@ -68,6 +71,7 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 
 

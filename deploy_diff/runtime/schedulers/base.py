@@ -98,6 +98,8 @@ _KNOWN_FOREIGN_KEYS = {
     "sde_type",
     "time_shift",
     "stochastic_sampling",
+    "original_inference_steps",
+    "timestep_scaling",
 }
 
 
