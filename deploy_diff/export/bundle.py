@@ -36,6 +36,7 @@ from ..runtime.bundle import (
     BUNDLE_FORMAT_VERSION,
     GRAPH_FILES,
     MANIFEST_NAME,
+    PIXEL_PIPELINE,
     SCHEDULER_FILE,
     sha256_file,
 )
@@ -179,18 +180,12 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write ``scheduler_config.json`` and the manifest ``deploy_diff.json`` (size and sha256 of every other file in
     ``folder``, the model's facts, how it was exported and validated); return the manifest."""
-    (folder / SCHEDULER_FILE).write_text(
-        json.dumps(src.scheduler_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    write_json(folder / SCHEDULER_FILE, src.scheduler_config, sort_keys=True)
     inputs, outputs = _io_spec(src, static_batch or "batch")
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
+        "pipeline": PIXEL_PIPELINE,
         "model": {
             "sample_size": list(src.sample_size),
             "in_channels": src.in_channels,
@@ -213,25 +208,46 @@ def write_manifest(
                 if value is not None
             },
         },
-        "graphs": {p: GRAPH_FILES[p] for p in validation},
-        "files": files,
+        "graphs": {"unet": {"files": {p: GRAPH_FILES[p] for p in validation}, "inputs": inputs, "outputs": outputs}},
+        "files": file_table(folder),
         "engines": engines,
         "export": {
             "opset": opset,
             "precisions": list(validation),
             "validation": validation,
             "optimization": optimization,
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "deploy_diff_version": __version__,
-            "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__,
-            "onnxruntime_version": _ort_version(),
-            "python": platform.python_version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **export_facts(seconds),
         },
     }
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / MANIFEST_NAME, manifest)
     return manifest
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files``: bundle-relative POSIX path -> ``{"sha256", "bytes"}`` of every file in ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def export_facts(seconds: dict[str, float]) -> dict[str, Any]:
+    """The manifest's ``export`` facts every bundle records: the seconds each step took, the versions, the time."""
+    return {
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "deploy_diff_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": _ort_version(),
+        "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any], sort_keys: bool = False) -> None:
+    """``data`` as indented JSON (inside the staging folder: the rename makes it visible)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
 def _check_options(opset: Any, static_batch: Any) -> None:

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "MIN_OPSET",
     "convert_to_fp16",
     "export_onnx",
+    "rename_dims",
     "save_onnx",
     "timestep_embedding_nodes",
 ]
@@ -73,13 +75,15 @@ def export_onnx(
     output_name: str = "out",
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    dynamic_shapes: dict[str, dict[int, Any]] | None = None,
 ) -> onnx.ModelProto:
     """Trace ``module(*example_inputs)`` into an in-memory ONNX model; the batch dimension is symbolic
-    (``batch``) unless ``dynamic_batch=False``, when every shape is that of ``example_inputs``."""
+    (``batch``) unless ``dynamic_batch=False``, when every shape is that of ``example_inputs``.
+    ``dynamic_shapes`` (input name -> axis -> ``torch.export.Dim``), when given, says instead which dimensions
+    are symbolic (name every input; ``{}`` for a static one)."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET}; got {opset}")
-    dynamic_shapes = None
-    if dynamic_batch:
+    if dynamic_shapes is None and dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dynamic_shapes = {name: {0: batch} for name in input_names}
     module = module.eval()
@@ -105,6 +109,16 @@ def export_onnx(
             ) from e
     model = program.model_proto
     model.producer_name = "deploy-diff"
+    return model
+
+
+def rename_dims(model: onnx.ModelProto, names: dict[str, str]) -> onnx.ModelProto:
+    """Rename the symbolic dimensions of the graph's inputs and outputs (``{"8*s0": "height"}``): the exporter names
+    a derived dimension by its expression. Returns ``model``, changed in place."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
     return model
 
 
