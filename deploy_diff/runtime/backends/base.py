@@ -1,7 +1,8 @@
 """What every backend runner shares: the call contract, the input check, batching, device strings, the precision
 vocabulary, and the error raised when a backend's libraries are missing.
 
-A runner is a callable object over one UNet graph (Polygraphy's runners are the model):
+A runner is a callable object over one graph, a UNet unless it was opened with ``unet=False`` (Polygraphy's runners
+are the model):
 
 - ``runner(sample, timestep, class_labels=None) -> float32[B, C_out, H, W]`` with ``sample`` float32[B, C, H, W],
   ``timestep`` float32[B] (or one scalar for every row) and ``class_labels`` int64[B] (class-conditional graphs
@@ -14,6 +15,11 @@ A runner is a callable object over one UNet graph (Polygraphy's runners are the 
 - ``runner.input_names`` (the graph's input names), ``runner.sample_shape`` ((C, H, W), None where symbolic) and
   ``runner.static_batch`` (the one batch size the graph takes, or None): a batch of another size is split into
   chunks and padded by :func:`run_in_batches`.
+- ``runner.run({name: array}) -> float32 array``: any graph by its named inputs (a text encoder, a VAE decoder, a
+  UNet with ``encoder_hidden_states``), checked by :func:`check_feeds` against ``runner.input_shapes`` and the
+  graph's dtypes, batched like a UNet call (every input's first dimension is the batch); the graph's first output
+  (``runner.output_name``). A runner built with ``unet=False`` opens any graph and is called through ``run`` only;
+  with ``unet=True`` (the default) the graph must be a UNet of this protocol and both calls work.
 
 Runners check array structure only. Value rules (the range of class labels, the null label, guidance, ``eta``,
 the step count) belong to the public entry points (``sample()``, ``Pipeline``), which check them once.
@@ -37,10 +43,12 @@ __all__ = [
     "SUPPORTED_PRECISIONS",
     "BackendUnavailableError",
     "Runner",
+    "check_feeds",
     "check_graph_inputs",
     "check_inputs",
     "check_num_threads",
     "check_precision",
+    "graph_layout",
     "import_backend_module",
     "parse_device",
     "run_in_batches",
@@ -163,6 +171,71 @@ def check_graph_inputs(input_names: Sequence[str], where: str) -> None:
         )
 
 
+def graph_layout(
+    input_shapes: Mapping[str, Sequence[int | None]], unet: bool, where: str
+) -> tuple[tuple[int | None, ...] | None, int | None]:
+    """``(sample_shape, static_batch)`` of a graph with these inputs (dimensions, None where symbolic).
+
+    ``unet=True``: the inputs must be a UNet's (:func:`check_graph_inputs`); ``sample_shape`` is (C, H, W) of
+    ``sample`` and ``static_batch`` its first dimension when fixed. ``unet=False``: any inputs; ``sample_shape`` is
+    None and ``static_batch`` the first dimension every input fixes to one size, else None.
+    """
+    if unet:
+        check_graph_inputs(list(input_shapes), where)
+        sample = tuple(input_shapes["sample"])
+        batch = sample[0] if sample else None
+        return sample[1:], batch if isinstance(batch, int) and batch > 0 else None
+    firsts = {tuple(dims)[0] if len(dims) else None for dims in input_shapes.values()}
+    batch = next(iter(firsts)) if len(firsts) == 1 else None
+    return None, batch if isinstance(batch, int) and batch > 0 else None
+
+
+def check_feeds(
+    feeds: Mapping[str, Any],
+    input_shapes: Mapping[str, Sequence[int | None]],
+    dtypes: Mapping[str, Any],
+    where: str = "the graph",
+) -> dict[str, np.ndarray]:
+    """The input check of :meth:`Runner.run`: the arrays by input name, contiguous, in the graph's dtypes.
+
+    ``input_shapes``: every input's dimensions, None where symbolic; ``dtypes``: the graph's dtype per input (None:
+    float32). Every input must be given and nothing else, with the graph's rank and static sizes, at least one row,
+    and one batch size (the first dimension) across inputs; a float input takes any real array (cast), an integer
+    input integers only (a float would be truncated silently), a bool input bools. Raises ``ValueError`` naming
+    the input, what the graph takes and what was given (``where`` names the graph).
+    """
+    if not isinstance(feeds, Mapping):
+        raise TypeError(f"feeds must be a mapping of input name -> array; got {type(feeds).__name__}")
+    missing = [n for n in input_shapes if n not in feeds]
+    extra = [n for n in feeds if n not in input_shapes]
+    if missing or extra:
+        wrong = [f"missing {missing}"] if missing else []
+        wrong += [f"unexpected {extra}"] if extra else []
+        raise ValueError(f"{where} takes inputs {list(input_shapes)}; {'; '.join(wrong)}")
+    arrays: dict[str, np.ndarray] = {}
+    batch = None
+    for name, dims in input_shapes.items():
+        a = np.asarray(feeds[name])
+        want = np.dtype(dtypes.get(name) or np.float32)
+        dims = tuple(dims)
+        spelled = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+        if a.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, a.shape)):
+            raise ValueError(f"{where}: input {name!r} must have shape {spelled}; got {a.shape}")
+        kinds = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}.get(want.kind, want.kind)
+        if a.dtype.kind not in kinds:
+            raise ValueError(f"{where}: input {name!r} takes {want} values; got an array of dtype {a.dtype}")
+        if a.ndim == 0 or a.shape[0] == 0:
+            raise ValueError(f"{where}: input {name!r} needs a batch of at least one row; got shape {a.shape}")
+        if batch is not None and a.shape[0] != batch[1]:
+            raise ValueError(
+                f"{where}: every input is batched along its first dimension; {batch[0]!r} has {batch[1]} rows "
+                f"but {name!r} has {a.shape[0]}"
+            )
+        batch = batch or (name, a.shape[0])
+        arrays[name] = np.ascontiguousarray(a, dtype=want)
+    return arrays
+
+
 def run_in_batches(
     run: Callable[[dict[str, np.ndarray]], np.ndarray],
     arrays: Mapping[str, np.ndarray],
@@ -190,17 +263,21 @@ def run_in_batches(
 
 
 class Runner:
-    """The base of the backend runners: the context-manager protocol and the shared checks.
+    """The base of the backend runners: the context-manager protocol, the shared checks and the two calls.
 
-    A subclass sets ``input_names``, ``sample_shape``, ``static_batch``, ``precision`` and ``_dtypes`` (the graph's
-    dtype per input name) and implements ``__call__`` and ``_release`` (free what it holds; called once, by
+    A subclass sets ``input_names``, ``input_shapes``, ``output_name``, ``sample_shape`` (UNets), ``static_batch``,
+    ``precision``, ``unet`` and ``_dtypes`` (the graph's dtype per input name) and implements ``_execute`` (checked
+    arrays by name -> the output, batching included) and ``_release`` (free what it holds; called once, by
     :meth:`close`).
     """
 
     input_names: Sequence[str] = ()
+    input_shapes: Mapping[str, tuple[int | None, ...]] = {}  # per input: its dimensions, None where symbolic
+    output_name: str = "out"
     precision: str = "fp32"  # what the runner computes in (see PRECISIONS)
     sample_shape: tuple[int | None, ...] = (None, None, None)
     static_batch: int | None = None
+    unet: bool = True  # the graph is a UNet of the runner protocol (``runner(sample, timestep, class_labels)``)
     _dtypes: Mapping[str, Any] = {}
     _closed = False
 
@@ -222,6 +299,23 @@ class Runner:
         )
 
     def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
+        """The UNet call of the runner protocol (see the module docstring)."""
+        if not self.unet:
+            raise TypeError(
+                f"this {type(self).__name__} was opened with unet=False: call runner.run({{name: array}}) with "
+                f"its inputs {list(self.input_names)}"
+            )
+        return self._execute(self._check(sample, timestep, class_labels))
+
+    def run(self, feeds: Mapping[str, Any]) -> np.ndarray:
+        """Run the graph on ``feeds`` (input name -> array, every input batched along its first dimension); its
+        first output as float32. Checked by :func:`check_feeds`; batched like the UNet call."""
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} was closed")
+        where = self.path.name if getattr(self, "path", None) is not None else type(self).__name__
+        return self._execute(check_feeds(feeds, self.input_shapes, self._dtypes, where))
+
+    def _execute(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
     def _release(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
+from .base import Runner, check_num_threads, graph_layout, import_backend_module, parse_device, run_in_batches
 
 __all__ = ["OnnxRuntimeRunner", "default_providers", "load_session", "preload_cuda_libraries"]
 
@@ -216,11 +216,14 @@ class OnnxRuntimeRunner(Runner):
         precision: what the graph computes in (``runner.precision``), as its bundle names it: ``"fp32"`` for
             ``unet.onnx``, ``"fp16"`` for ``unet.fp16.onnx`` (default: fp16 when the graph's file name or its
             sample input says so, else fp32).
+        unet: the graph is a UNet of the runner protocol (checked; ``runner(sample, timestep, class_labels)``);
+            False: any graph, called with ``runner.run({name: array})``.
     """
 
     def __init__(self, graph: str | os.PathLike, device: str = "cpu", providers: Sequence[Any] | None = None,
                  num_threads: int | None = None, cuda_graph: bool = False,
-                 graph_optimization_level: str = "all", precision: str | None = None):  # fmt: skip
+                 graph_optimization_level: str = "all", precision: str | None = None,
+                 unet: bool = True):  # fmt: skip
         self.path = Path(graph)
         if providers is None:
             providers = default_providers(device)
@@ -236,15 +239,15 @@ class OnnxRuntimeRunner(Runner):
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         self.device_id = device_id or 0
         inputs = self.session.get_inputs()
+        self.unet = bool(unet)
         self.input_names = tuple(i.name for i in inputs)
-        check_graph_inputs(self.input_names, self.path.name)
+        self.input_shapes = {
+            i.name: tuple(d if isinstance(d, int) and d >= 0 else None for d in i.shape) for i in inputs
+        }
+        self.sample_shape, self.static_batch = graph_layout(self.input_shapes, self.unet, self.path.name)
         self._dtypes = {i.name: _DTYPES.get(i.type) for i in inputs}
         fp16 = self.path.name.endswith(".fp16.onnx") or self._dtypes.get("sample") == np.float16
         self.precision = precision or ("fp16" if fp16 else "fp32")
-        shapes = {i.name: list(i.shape) for i in inputs}
-        self.sample_shape = tuple(d if isinstance(d, int) else None for d in shapes["sample"][1:])
-        batch = shapes["sample"][0]
-        self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
         if cuda_graph and self.static_batch is None:
             raise ValueError(
                 "cuda_graph=True needs a static-batch bundle (export_bundle(..., static_batch=B)): a "
@@ -253,6 +256,11 @@ class OnnxRuntimeRunner(Runner):
         out = self.session.get_outputs()[0]
         self.output_name = out.name
         self._out_shape = list(out.shape)
+        if cuda_graph and not all(isinstance(d, int) for d in self._out_shape[1:]):
+            raise ValueError(
+                f"cuda_graph=True needs fixed output sizes; {self.path.name}'s output {out.name!r} has shape "
+                f"{self._out_shape}"
+            )
         self._out_dtype = _DTYPES.get(out.type, np.float32)
         self.cuda_graph = cuda_graph
         self._graph_buffers: _CudaGraphBuffers | None = None
@@ -267,8 +275,7 @@ class OnnxRuntimeRunner(Runner):
         """The runner over ``bundle``'s graph of ``precision`` ("fp32" or "fp16")."""
         return cls(bundle.graph_path(precision), precision=precision, **kwargs)
 
-    def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
-        feeds = self._check(sample, timestep, class_labels)
+    def _execute(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         sb = self.static_batch
         return run_in_batches(self._run, feeds, min_batch=sb or 1, max_batch=sb)
 

@@ -1,9 +1,10 @@
 """The OpenVINO backend: :func:`load_model` reads a bundle's ONNX graph, :class:`OpenVINORunner` runs it on the CPU.
 
 OpenVINO reads the fp32 ONNX graph as it is (no conversion step, no torch) and is fast at static shapes, so the
-runner compiles one model per input shape it meets (the batch size, for a bundle's fixed-size samples): at most
-``max_shapes`` compiled models are kept, the least recently used is dropped. One runner serves several threads at
-once: each thread gets its own infer request per compiled model.
+runner compiles one model per input shape it meets (the batch size, for a bundle's fixed-size samples; every
+input's shape for a graph opened with ``unet=False``): at most ``max_shapes`` compiled models are kept, the least
+recently used is dropped. One runner serves several threads at once: each thread gets its own infer request per
+compiled model.
 
 Precision is what is computed, set explicitly and read back from the compiled model (``runner.precision``):
 
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..precisions import SUPPORTED_PRECISIONS, check_precision
-from .base import Runner, check_graph_inputs, check_num_threads, import_backend_module, parse_device, run_in_batches
+from .base import Runner, check_num_threads, graph_layout, import_backend_module, parse_device, run_in_batches
 
 __all__ = [
     "OPENVINO_PRECISIONS",
@@ -110,6 +111,9 @@ class OpenVINORunner(Runner):
         num_threads: inference threads (default: OpenVINO's choice, one per physical core).
         cache_dir: a folder for OpenVINO's compiled-model cache (later loads skip compilation); None: no cache.
         max_shapes: compiled models kept, one per input shape (least recently used dropped).
+        unet: the graph is a UNet of the runner protocol (checked; ``runner(sample, timestep, class_labels)``;
+            compiled at load time for its sample shape); False: any graph, called with ``runner.run({name:
+            array})`` and compiled at load time only when every input size is fixed, else at the first call.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class OpenVINORunner(Runner):
         num_threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         max_shapes: int = 8,
+        unet: bool = True,
     ):
         kind, _ = parse_device(device)
         if kind != "cpu":
@@ -141,37 +146,46 @@ class OpenVINORunner(Runner):
         if cache_dir is not None:
             self.config["CACHE_DIR"] = str(cache_dir)
         inputs = self.model.inputs
+        self.unet = bool(unet)
         self.input_names = tuple(i.get_any_name() for i in inputs)
-        check_graph_inputs(self.input_names, self.path.name)
-        self._ranks = {i.get_any_name(): i.get_partial_shape().rank.get_length() for i in inputs}
+        self.input_shapes = {i.get_any_name(): tuple(_dims(i.get_partial_shape())) for i in inputs}
+        self.sample_shape, self.static_batch = graph_layout(self.input_shapes, self.unet, self.path.name)
         self._dtypes = {i.get_any_name(): i.get_element_type().to_dtype() for i in inputs}
-        shape = _dims(self.model.input("sample").get_partial_shape())
-        self.sample_shape = tuple(shape[1:])
-        self.static_batch = shape[0]
+        self.output_name = self.model.outputs[0].get_any_name()
         self.max_shapes = max_shapes
-        self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
-        self._requests: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}
+        self.precision = precision  # checked against every compiled model
+        self.num_threads = num_threads  # read back from the first compiled model
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self._requests: dict[tuple[int, tuple], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         # compile the first shape now: a graph OpenVINO cannot compile, or a precision it does not apply, fails
         # at load time, and the first image does not wait for it
-        first = [self.static_batch or 1] + [d or 1 for d in self.sample_shape]
-        compiled = self._compiled_for(tuple(first))
-        self.precision = self._precision_of(compiled)
-        if self.precision != precision:
-            raise RuntimeError(f"OpenVINO compiled {self.path.name} in {self.precision}, not the {precision} asked for")
-        self.num_threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+        if self.unet:
+            batch = self.static_batch or 1
+            shapes = {n: (batch,) + tuple(d or 1 for d in dims[1:]) for n, dims in self.input_shapes.items()}
+            self._compiled_for(shapes)
+        elif all(d is not None for dims in self.input_shapes.values() for d in dims):
+            self._compiled_for(dict(self.input_shapes))
 
     def _precision_of(self, compiled: Any) -> str:
         t = compiled.get_property("INFERENCE_PRECISION_HINT")
         return _PRECISION_NAMES.get(t.get_type_name(), t.get_type_name())
 
     @property
-    def compiled_shapes(self) -> list[tuple[int, ...]]:
-        """The sample shapes compiled models are kept for, least recently used first."""
+    def compiled_shapes(self) -> list[tuple]:
+        """The shapes compiled models are kept for, least recently used first: the sample shape of a UNet, every
+        input's shape (in ``input_names`` order) of a graph opened with ``unet=False``."""
         with self._lock:
             return list(self._compiled)
 
-    def _compiled_for(self, shape: tuple[int, ...]) -> Any:
+    def _key(self, shapes: dict[str, tuple[int, ...]]) -> tuple:
+        if self.unet:
+            return tuple(shapes["sample"])
+        return tuple(tuple(shapes[n]) for n in self.input_names)
+
+    def _compiled_for(self, shapes: dict[str, tuple[int, ...]]) -> Any:
+        """The model compiled for these input shapes (compiled now when it is not kept)."""
+        shape = self._key(shapes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this OpenVINORunner was closed")
@@ -181,11 +195,13 @@ class OpenVINORunner(Runner):
                 return compiled
         # compile outside the lock (other shapes keep running); two threads may compile one shape, one is kept
         model = self.model.clone()
-        batch = shape[0]
-        model.reshape(
-            {name: list(shape) if name == "sample" else [batch] * self._ranks[name] for name in self.input_names}
-        )
+        model.reshape({name: list(shapes[name]) for name in self.input_names})
         compiled = self.core.compile_model(model, "CPU", self.config)
+        got = self._precision_of(compiled)
+        if got != self.precision:
+            raise RuntimeError(f"OpenVINO compiled {self.path.name} in {got}, not the {self.precision} asked for")
+        if self.num_threads is None:
+            self.num_threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
         with self._lock:
             if self._closed:
                 raise RuntimeError("this OpenVINORunner was closed")
@@ -197,9 +213,10 @@ class OpenVINORunner(Runner):
                     del self._requests[key]
         return compiled
 
-    def _request(self, shape: tuple[int, ...]) -> Any:
-        """This thread's infer request on the compiled model for ``shape`` (infer requests are not thread-safe)."""
-        compiled = self._compiled_for(shape)
+    def _request(self, shapes: dict[str, tuple[int, ...]]) -> Any:
+        """This thread's infer request on the compiled model for ``shapes`` (infer requests are not thread-safe)."""
+        compiled = self._compiled_for(shapes)
+        shape = self._key(shapes)
         key = (threading.get_ident(), shape)
         with self._lock:
             if self._closed:
@@ -216,13 +233,12 @@ class OpenVINORunner(Runner):
             self._requests[key] = (compiled, request)
             return request
 
-    def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
-        feeds = self._check(sample, timestep, class_labels)
+    def _execute(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         sb = self.static_batch
         return run_in_batches(self._run, feeds, min_batch=sb or 1, max_batch=sb)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        request = self._request(tuple(feeds["sample"].shape))
+        request = self._request({name: a.shape for name, a in feeds.items()})
         request.infer(feeds)
         return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses it
 

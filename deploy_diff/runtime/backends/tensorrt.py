@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendUnavailableError, Runner, check_graph_inputs, import_backend_module, run_in_batches
+from .base import BackendUnavailableError, Runner, graph_layout, import_backend_module, run_in_batches
 
 __all__ = [
     "BackendUnavailableError",
@@ -140,12 +140,20 @@ class TensorRTRunner(Runner):
         device_id: the GPU (ignored for a loaded :class:`TensorRTEngine`, which knows its own).
         precision: what the engine computes in (``runner.precision``); default: what the file name states
             (:func:`engine_precision`), else ``"fp32"``.
+        unet: the engine is a UNet of the runner protocol (checked: its inputs, one output, only the batch
+            dimension dynamic); False: any engine (dynamic dimensions within optimization profile 0, several
+            outputs, the first returned), called with ``runner.run({name: array})``.
 
-    Attributes besides the runner protocol: ``output_name``, ``min_batch`` / ``max_batch`` (profile 0).
+    Attributes besides the runner protocol: ``output_name``, ``min_batch`` / ``max_batch`` (profile 0),
+    ``profile`` (per input: its (min, max) shapes in profile 0).
     """
 
     def __init__(
-        self, engine_path: str | os.PathLike | bytes | TensorRTEngine, device_id: int = 0, precision: str | None = None
+        self,
+        engine_path: str | os.PathLike | bytes | TensorRTEngine,
+        device_id: int = 0,
+        precision: str | None = None,
+        unet: bool = True,
     ):
         engine = engine_path
         named = engine_precision(engine) if isinstance(engine, (str, os.PathLike)) else None
@@ -156,31 +164,34 @@ class TensorRTRunner(Runner):
         self._lock = threading.Lock()
         loaded = engine if isinstance(engine, TensorRTEngine) else load_engine(engine, device_id)
         self._loaded, self._cudart, trt, eng = loaded, loaded.cudart, loaded.trt, loaded.engine
+        self.unet = bool(unet)
         names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
         self.input_names = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in self.input_names]
-        if "out" not in outputs and len(outputs) != 1:
+        if self.unet and "out" not in outputs and len(outputs) != 1:
             raise ValueError(f"engine outputs {outputs}: expected one named 'out'")
-        check_graph_inputs(self.input_names, "the engine")
+        if not outputs:
+            raise ValueError("the engine has no output")
         self.output_name = "out" if "out" in outputs else outputs[0]
         self._dtypes = {n: _numpy_dtype(trt, eng.get_tensor_dtype(n)) for n in names}
-        self._trailing: dict[str, tuple[int, ...]] = {}
-        lo, hi = 1, None
+        self.profile: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for n in self.input_names:
-            shape = tuple(eng.get_tensor_shape(n))
-            if not shape or any(d < 0 for d in shape[1:]):
+            shape = tuple(int(d) for d in eng.get_tensor_shape(n))
+            if not shape or (self.unet and any(d < 0 for d in shape[1:])):
                 raise ValueError(f"engine input {n!r} has shape {shape}: only the batch dimension may be dynamic")
-            self._trailing[n] = shape[1:]
-            if shape[0] >= 0:  # static batch
-                n_lo = n_hi = shape[0]
+            if any(d < 0 for d in shape):
+                low, _, high = (tuple(int(d) for d in s) for s in eng.get_tensor_profile_shape(n, 0))
             else:
-                n_lo, _, n_hi = (tuple(s)[0] for s in eng.get_tensor_profile_shape(n, 0))
-            lo, hi = max(lo, n_lo), n_hi if hi is None else min(hi, n_hi)
+                low = high = shape
+            self.profile[n] = (low, high)
+        self.input_shapes = {n: tuple(None if d < 0 else d for d in eng.get_tensor_shape(n)) for n in self.input_names}
+        lo = max([1] + [low[0] for low, _ in self.profile.values()])
+        hi = min(high[0] for _, high in self.profile.values()) if self.profile else None
         if hi is None or lo > hi:
             raise ValueError(f"engine inputs allow no common batch size (min {lo}, max {hi})")
         self.min_batch, self.max_batch = int(lo), int(hi)
         self.static_batch = self.min_batch if self.min_batch == self.max_batch else None
-        self.sample_shape = tuple(int(d) for d in self._trailing["sample"])
+        self.sample_shape, _ = graph_layout(self.input_shapes, self.unet, "the engine")
         self._allocate(names)
 
     def _allocate(self, names: list[str]) -> None:
@@ -189,21 +200,28 @@ class TensorRTRunner(Runner):
         self._context = self._loaded.engine.create_execution_context()
         self._stream = cuda_check(cudart, cudart.cudaStreamCreate())
         self._stream_ptr = stream_handle(self._stream)
+        largest = {n: (self.max_batch, *high[1:]) for n, (_, high) in self.profile.items()}
         for n in self.input_names:
-            self._set_shape(n, self.max_batch)
-        for n in names:  # inputs sized from the profile, outputs as TensorRT infers them for the largest batch
-            shape = (self.max_batch, *self._trailing[n]) if n in self._trailing else self._context.get_tensor_shape(n)
+            self._set_shape(n, largest[n])
+        for n in names:  # inputs sized from the profile, outputs as TensorRT infers them for the largest inputs
+            shape = largest[n] if n in largest else self._context.get_tensor_shape(n)
             nbytes = int(np.prod(tuple(shape), dtype=np.int64)) * self._dtypes[n].itemsize
             self._buffers[n] = cuda_check(cudart, cudart.cudaMalloc(max(nbytes, 1)))
             if not self._context.set_tensor_address(n, int(self._buffers[n])):
                 raise RuntimeError(f"TensorRT refused the device buffer for {n!r}")
 
-    def _set_shape(self, name: str, batch: int) -> None:
-        if not self._context.set_input_shape(name, (batch, *self._trailing[name])):
-            raise RuntimeError(f"TensorRT refused batch {batch} for input {name!r}")
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self._context.set_input_shape(name, tuple(int(d) for d in shape)):
+            raise RuntimeError(f"TensorRT refused shape {tuple(shape)} for input {name!r}")
 
-    def __call__(self, sample: Any, timestep: Any, class_labels: Any = None) -> np.ndarray:
-        arrays = self._check(sample, timestep, class_labels)
+    def _execute(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        for name, a in arrays.items():  # the batch is chunked below; every other size must lie in the profile
+            low, high = self.profile[name]
+            if any(not lo <= d <= hi for d, lo, hi in zip(a.shape[1:], low[1:], high[1:])):
+                raise ValueError(
+                    f"the engine takes input {name!r} of shape [B, ...] from {list(low[1:])} to {list(high[1:])} "
+                    f"(its optimization profile); got {a.shape}"
+                )
         with self._lock:
             if self._context is None:
                 raise RuntimeError("this TensorRTRunner was closed")
@@ -212,12 +230,12 @@ class TensorRTRunner(Runner):
 
     def _run(self, chunk: dict[str, np.ndarray]) -> np.ndarray:
         """One execution for a chunk of ``min_batch..max_batch`` rows (the caller holds the lock)."""
-        cudart, n = self._cudart, len(next(iter(chunk.values())))
+        cudart = self._cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, arr in chunk.items():
             arr = np.ascontiguousarray(arr)
             chunk[name] = arr  # the host copy stays alive until the stream is synchronised
-            self._set_shape(name, n)
+            self._set_shape(name, arr.shape)
             cuda_check(
                 cudart, cudart.cudaMemcpyAsync(self._buffers[name], arr.ctypes.data, arr.nbytes, h2d, self._stream)
             )
