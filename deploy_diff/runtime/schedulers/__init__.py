@@ -13,6 +13,7 @@ from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
     "LCMScheduler",
+    "PNDMScheduler",
     "SchedulerConfig",
     "SchedulerOutput",
     "UniPCMultistepScheduler",
@@ -45,6 +47,7 @@ SCHEDULER_CLASSES: dict[str, type[BaseScheduler]] = {
         HeunDiscreteScheduler,
         UniPCMultistepScheduler,
         LCMScheduler,
+        PNDMScheduler,
     )
 }
 
@@ -72,6 +75,7 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
 }
 
 
