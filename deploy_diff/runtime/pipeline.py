@@ -22,7 +22,7 @@ import numpy as np
 
 from .arguments import check_class_labels, check_guidance_scale, check_num_images, check_seeds, is_int
 from .backends.base import parse_device
-from .bundle import Bundle, BundleError, ModelInfo, load_bundle
+from .bundle import PIXEL_PIPELINE, Bundle, BundleError, ModelInfo, load_bundle
 from .images import to_images
 from .precisions import BACKENDS, SUPPORTED_PRECISIONS, check_precision
 from .rng import TorchGenerator
@@ -182,6 +182,12 @@ class Pipeline:
         (off unless given; other backends ignore it).
         """
         bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=verify)
+        if bundle.pipeline != PIXEL_PIPELINE:
+            raise ValueError(
+                f"bundle {bundle.path} holds a {bundle.pipeline!r} pipeline: load it with "
+                "deploy_diff.runtime.TextToImagePipeline.from_bundle (or deploy_diff.runtime.load, which picks the "
+                "pipeline the manifest calls for); Pipeline samples pixel-space UNet bundles"
+            )
         backend = select_backend(backend, device, precision, cuda_graph or providers is not None)
         if backend != "onnxruntime" and (cuda_graph or providers is not None):
             raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")

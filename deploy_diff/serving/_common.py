@@ -29,6 +29,12 @@ def require_pixel_bundle(bundle: Any) -> Any:
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     kind = pipeline_kind(bundle.manifest)
+    if kind == "text-to-image":
+        raise ValueError(
+            f"bundle {bundle.path} holds a 'text-to-image' pipeline (text encoder, UNet, VAE decoder): sample it with "
+            "deploy_diff.runtime.TextToImagePipeline (or `deploy-diff sample BUNDLE --prompt ...`); serving and bulk "
+            f"generation take pixel-space UNet bundles (pipeline {PIXEL_PIPELINE!r}) only"
+        )
     if kind != PIXEL_PIPELINE:
         raise ValueError(
             f"bundle {bundle.path} holds a {kind!r} pipeline; only pixel-space UNet bundles (pipeline "

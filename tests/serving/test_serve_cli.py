@@ -94,7 +94,7 @@ def test_refuses_a_bad_bundle_before_starting_ray(cond_run_bundle, tmp_path):
     (other / "deploy_diff.json").write_text(json.dumps({**manifest, "pipeline": "text2img"}))
     r = run_cli(str(other))
     assert r.returncode == 1
-    assert "deploy-diff serve: error: ValueError:" in r.stderr and "'text2img' pipeline" in r.stderr
+    assert "deploy-diff serve: error: BundleError:" in r.stderr and "pipeline 'text2img'" in r.stderr
 
     broken = tmp_path / "broken"
     shutil.copytree(cond_run_bundle, broken)

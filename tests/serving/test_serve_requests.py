@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _serving import decode_png
 
-from deploy_diff.runtime.bundle import load_bundle
+from deploy_diff.runtime.bundle import BundleError, load_bundle
 from deploy_diff.serving._common import pipeline_kind, require_pixel_bundle
 from deploy_diff.serving.requests import (
     FIELDS,
@@ -218,7 +218,7 @@ def test_only_pixel_unet_bundles(cond_run_bundle, tmp_path):
     manifest = json.loads(manifest_path.read_text())
     manifest["pipeline"] = "text2img"
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="'text2img' pipeline; only pixel-space UNet bundles"):
+    with pytest.raises(BundleError, match="has pipeline 'text2img'; expected one of"):  # unknown: load_bundle refuses
         require_pixel_bundle(other)
 
 
