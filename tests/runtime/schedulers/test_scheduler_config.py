@@ -95,8 +95,8 @@ def test_unknown_keys_warn_and_foreign_keys_do_not():
 
 
 def test_load_scheduler_refuses_unknown_class():
-    with pytest.raises(ValueError, match="_class_name='PNDMScheduler'.*DDIMScheduler"):
-        load_scheduler({"_class_name": "PNDMScheduler"})
+    with pytest.raises(ValueError, match="_class_name='LMSDiscreteScheduler'.*DDIMScheduler"):
+        load_scheduler({"_class_name": "LMSDiscreteScheduler"})
 
 
 def test_bad_json_and_missing_file(tmp_path):
