@@ -13,13 +13,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, demo, export, generate, inspect, sample, schedules, serve, timesteps, train
+from . import bench, demo, distill, export, generate, inspect, sample, schedules, serve, timesteps, train
 from ._common import error_line
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # in the order `deploy-diff --help` lists them
-COMMANDS = {m.NAME: m for m in (schedules, train, timesteps, export, sample, bench, serve, generate, demo, inspect)}
+COMMANDS = {
+    m.NAME: m for m in (schedules, train, distill, timesteps, export, sample, bench, serve, generate, demo, inspect)
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
