@@ -40,14 +40,32 @@ from ..runtime.bundle import (
     SCHEDULER_FILE,
     sha256_file,
 )
-from .onnx import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, MIN_OPSET, convert_to_fp16, export_onnx, save_onnx
+from .onnx import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    MIN_OPSET,
+    convert_to_fp16,
+    export_onnx,
+    rename_dims,
+    save_onnx,
+)
 from .optimize import count_fused_attention, optimize_graph
 from .sources import ExportError, ExportSource, example_inputs
 from .staging import check_destination, staging_folder
 from .staging import remove_stale_leftovers as _remove_stale_leftovers  # noqa: F401  (its name before staging.py)
 from .validate import ValidationError, check_graph, validate
 
-__all__ = ["check_destination", "export_bundle", "validate_graphs", "write_graphs", "write_manifest"]
+__all__ = [
+    "check_destination",
+    "export_bundle",
+    "export_facts",
+    "file_table",
+    "validate_graphs",
+    "validate_written",
+    "write_component",
+    "write_graphs",
+    "write_manifest",
+]
 
 Log = Callable[[str], Any]
 
@@ -58,7 +76,7 @@ def _log_stderr(msg: str) -> None:
 
 @dataclass
 class WrittenGraphs:
-    """What :func:`write_graphs` wrote into ``folder``, and what validation needs to fall back."""
+    """What :func:`write_component` wrote into ``folder``, and what validation needs to fall back."""
 
     folder: Path
     precisions: tuple[str, ...]  # ("fp32",) or ("fp32", "fp16")
@@ -66,6 +84,59 @@ class WrittenGraphs:
     external_data_threshold: int
     optimization: dict[str, Any] = field(default_factory=dict)  # the manifest's "optimization" entry
     seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=lambda: dict(GRAPH_FILES))  # precision -> file name
+
+
+def write_component(
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    folder: Path,
+    files: dict[str, str],
+    *,
+    output_name: str = "out",
+    opset: int,
+    fp16: bool,
+    optimize: bool,
+    external_data_threshold: int,
+    dynamic_batch: bool = True,
+    dynamic_shapes: dict[str, dict[int, Any]] | None = None,
+    dim_names: dict[str, str] | None = None,
+) -> WrittenGraphs:
+    """Trace ``module(*example)`` to ONNX and write ``files["fp32"]`` (fused attention when ``optimize`` and the
+    fusion applies) and, with ``fp16``, ``files["fp16"]`` (converted from the unfused graph) into ``folder``. The
+    graph's symbolic dimensions are the batch (``dynamic_batch``) or ``dynamic_shapes`` (see
+    :func:`~.onnx.export_onnx`), the inputs' and output's renamed by ``dim_names``."""
+    t0 = time.perf_counter()
+    model = export_onnx(
+        module,
+        example,
+        input_names,
+        output_name=output_name,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        dynamic_shapes=dynamic_shapes,
+    )
+    rename_dims(model, dim_names or {})
+    model16 = convert_to_fp16(model) if fp16 else None  # before saving: external-data saving edits `model`
+    optimization: dict[str, Any] = {"attention_fused": 0, "kept": False}
+    fused = optimize_graph(model) if optimize else None
+    if fused is not None:
+        optimization["attention_fused"] = count_fused_attention(fused)
+        if not optimization["attention_fused"]:
+            fused = None
+    save_onnx(fused if fused is not None else model, folder / files["fp32"], external_data_threshold)
+    if model16 is not None:
+        save_onnx(model16, folder / files["fp16"], external_data_threshold)
+    return WrittenGraphs(
+        folder,
+        ("fp32", "fp16") if fp16 else ("fp32",),
+        model if fused is not None else None,
+        external_data_threshold,
+        optimization,
+        time.perf_counter() - t0,
+        dict(files),
+    )
 
 
 def write_graphs(
@@ -82,36 +153,78 @@ def write_graphs(
 ) -> WrittenGraphs:
     """Trace ``src`` to ONNX and write ``unet.onnx`` (fused attention when ``optimize`` and the fusion applies) and,
     with ``fp16``, ``unet.fp16.onnx`` (converted from the unfused graph) into ``folder``."""
-    t0 = time.perf_counter()
     log(f"exporting to ONNX (opset {opset}, {f'static batch {static_batch}' if static_batch else 'dynamic batch'})")
     input_names = ["sample", "timestep"] + (["class_labels"] if src.conditional else [])
     example = example_inputs(src, static_batch or 2, num_train_timesteps=num_train_timesteps)
-    model = export_onnx(src.module, example, input_names, opset=opset, dynamic_batch=static_batch is None)
-    model16 = convert_to_fp16(model) if fp16 else None  # before saving: external-data saving edits `model`
-    optimization: dict[str, Any] = {"attention_fused": 0, "kept": False}
-    fused = optimize_graph(model) if optimize else None
-    if fused is not None:
-        optimization["attention_fused"] = count_fused_attention(fused)
-        if not optimization["attention_fused"]:
-            fused = None
-    save_onnx(fused if fused is not None else model, folder / GRAPH_FILES["fp32"], external_data_threshold)
-    if model16 is not None:
-        save_onnx(model16, folder / GRAPH_FILES["fp16"], external_data_threshold)
-    return WrittenGraphs(
+    return write_component(
+        src.module,
+        example,
+        input_names,
         folder,
-        ("fp32", "fp16") if fp16 else ("fp32",),
-        model if fused is not None else None,
-        external_data_threshold,
-        optimization,
-        time.perf_counter() - t0,
+        GRAPH_FILES,
+        opset=opset,
+        fp16=fp16,
+        optimize=optimize,
+        external_data_threshold=external_data_threshold,
+        dynamic_batch=static_batch is None,
     )
 
 
-def _validate_one(
-    src: ExportSource, graph: Path, precision: str, batches: Sequence[int], num_train_timesteps: int
-) -> dict[str, Any]:
-    check_graph(graph)
-    return validate(src, graph, precision, batches, num_train_timesteps)
+#: check(graph, precision, consequence) -> the validation report (raises ValidationError ending in consequence)
+Check = Callable[[Path, str, str], dict[str, Any]]
+FP16_LEFT_OUT = "the fp16 graph was left out of the bundle"
+
+
+def validate_written(
+    graphs: WrittenGraphs, check: Check, log: Log, where: str, fp16_optional: bool = False, prefix: str = ""
+) -> tuple[dict[str, Any], dict[str, float], str | None]:
+    """Validate every graph in ``graphs`` (``onnx.checker``, then ``check``); return the manifest's ``validation``
+    entry (precision -> report), the seconds each took (``{prefix}validate_{precision}_s``) and, when an optional
+    fp16 graph failed, why (else None).
+
+    A fused fp32 graph that fails is replaced by the plain one, which must pass (its rejection is recorded in
+    ``graphs.optimization``). With ``fp16_optional`` a failing fp16 graph (an overflow, an error above tolerance) is
+    deleted and dropped from ``graphs.precisions``; any other failure raises :class:`ValidationError`."""
+    validation: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    skipped = None
+
+    def run(graph: Path, precision: str, consequence: str = "the export was discarded") -> dict[str, Any]:
+        check_graph(graph)
+        return check(graph, precision, consequence)
+
+    for precision in graphs.precisions:
+        t0 = time.perf_counter()
+        graph = graphs.folder / graphs.files[precision]
+        log(f"validating {graph.name} against torch {where}")
+        fused = precision == "fp32" and graphs.plain is not None
+        optional = precision == "fp16" and fp16_optional
+        try:
+            validation[precision] = run(graph, precision, FP16_LEFT_OUT if optional else "the export was discarded")
+            graphs.optimization["kept"] = graphs.optimization["kept"] or fused
+        except ValidationError as e:
+            if optional:
+                log(f"  {e}")
+                skipped = str(e)
+                for stale in graphs.folder.glob(graphs.files[precision] + "*"):
+                    stale.unlink()
+                continue
+            if not fused:
+                raise
+            # the optimisation broke something: fall back to the graph as exported, which must pass
+            log(f"  the fused graph failed validation ({e}); writing the unfused graph instead")
+            graphs.optimization["rejected"] = str(e)
+            for stale in graphs.folder.glob(graphs.files["fp32"] + "*"):
+                stale.unlink()
+            save_onnx(graphs.plain, graph, graphs.external_data_threshold)
+            graphs.plain = None
+            validation[precision] = run(graph, precision)
+        finally:
+            seconds[f"{prefix}validate_{precision}_s"] = time.perf_counter() - t0
+        log(f"  max error {validation[precision]['max_error']:.2e} (tolerance {validation[precision]['tolerance']:g})")
+    graphs.plain = None  # the plain graph is no longer needed: free it before an engine build
+    graphs.precisions = tuple(validation)
+    return validation, seconds, skipped
 
 
 def validate_graphs(
@@ -120,30 +233,12 @@ def validate_graphs(
     """Validate every written graph against ``src.module``; return the manifest's ``validation`` entry and the
     seconds each took. A fused fp32 graph that fails is replaced by the plain one, which must pass (its rejection
     is recorded in ``graphs.optimization``); any other failure raises :class:`ValidationError`."""
-    validation: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    for precision in graphs.precisions:
-        t0 = time.perf_counter()
-        graph = graphs.folder / GRAPH_FILES[precision]
-        log(f"validating {graph.name} against torch at batch sizes {list(batches)}")
-        fused = precision == "fp32" and graphs.plain is not None
-        try:
-            validation[precision] = _validate_one(src, graph, precision, batches, num_train_timesteps)
-            graphs.optimization["kept"] = graphs.optimization["kept"] or fused
-        except ValidationError as e:
-            if not fused:
-                raise
-            # the optimisation broke something: fall back to the graph as exported, which must pass
-            log(f"  the fused graph failed validation ({e}); writing the unfused graph instead")
-            graphs.optimization["rejected"] = str(e)
-            for stale in graphs.folder.glob(GRAPH_FILES["fp32"] + "*"):
-                stale.unlink()
-            save_onnx(graphs.plain, graph, graphs.external_data_threshold)
-            graphs.plain = None
-            validation[precision] = _validate_one(src, graph, precision, batches, num_train_timesteps)
-        seconds[f"validate_{precision}_s"] = time.perf_counter() - t0
-        log(f"  max error {validation[precision]['max_error']:.2e} (tolerance {validation[precision]['tolerance']:g})")
-    graphs.plain = None  # the plain graph is no longer needed: free it before an engine build
+    validation, seconds, _ = validate_written(
+        graphs,
+        lambda graph, precision, _consequence: validate(src, graph, precision, batches, num_train_timesteps),
+        log,
+        f"at batch sizes {list(batches)}",
+    )
     return validation, seconds
 
 

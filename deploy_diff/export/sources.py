@@ -1,6 +1,10 @@
 """What can be exported: a training run of ours, or a diffusers ``UNet2DModel`` (pipeline folder or bare model
 folder). Each loader returns an :class:`ExportSource`: a torch module with the runner signature
-``module(sample, timestep[, class_labels]) -> out`` plus the facts the manifest needs."""
+``module(sample, timestep[, class_labels]) -> out`` plus the facts the manifest needs.
+
+A diffusers ``StableDiffusionPipeline`` folder is a text-to-image source (:mod:`.text_to_image`);
+:func:`diffusers_pipeline_kind` says which kind a folder is and refuses other pipeline classes by name.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,25 @@ from torch import nn
 
 from ..runtime.schedulers import SCHEDULER_CLASSES, DDPMScheduler, load_scheduler
 
-__all__ = ["ExportError", "ExportSource", "load_diffusers_source", "load_run_source"]
+__all__ = [
+    "TEXT_TO_IMAGE_CLASS",
+    "ExportError",
+    "ExportSource",
+    "diffusers_pipeline_kind",
+    "load_diffusers_source",
+    "load_run_source",
+]
+
+TEXT_TO_IMAGE_CLASS = "StableDiffusionPipeline"  # the one text-to-image pipeline class exported
+# why some well-known pipeline classes are refused (any class other than the above without a UNet2DModel is)
+_REFUSED_WHY = {
+    "StableDiffusionXLPipeline": "SDXL: two text encoders and added size/crop conditioning",
+    "StableDiffusion3Pipeline": "SD3: an MMDiT transformer instead of a UNet, three text encoders",
+    "StableDiffusionImg2ImgPipeline": "image-to-image: the VAE encoder and a strength schedule",
+    "StableDiffusionInpaintPipeline": "inpainting: a 9-channel UNet and the VAE encoder",
+    "StableDiffusionUpscalePipeline": "upscaling: a low-resolution image input and a noise level",
+    "LatentConsistencyModelPipeline": "LCM: a guidance-embedding UNet input (timestep_cond)",
+}
 
 
 class ExportError(ValueError):
@@ -137,6 +159,30 @@ class _DiffusersModule(nn.Module):
         return self.unet(sample, timestep, class_labels=labels, return_dict=False)[0]
 
 
+def diffusers_pipeline_kind(folder: str | Path) -> str:
+    """``"text-to-image"`` for a ``StableDiffusionPipeline`` folder, ``"unet"`` for a folder
+    :func:`load_diffusers_source` takes (a pipeline around a ``UNet2DModel``, a bare model folder, or anything
+    that is neither: its own messages say what is wrong). Any other pipeline class (``model_index.json``'s
+    ``_class_name``: SDXL, SD3, image-to-image, ...) is an :class:`ExportError` naming it."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return "unet"
+    index = _read_json(index_file, "diffusers pipeline")
+    name = index.get("_class_name")
+    if name == TEXT_TO_IMAGE_CLASS:
+        return "text-to-image"
+    unet = index.get("unet")
+    if isinstance(unet, list) and unet[-1:] == ["UNet2DModel"]:
+        return "unet"
+    why = _REFUSED_WHY.get(str(name))
+    raise ExportError(
+        f"{folder}: model_index.json names the pipeline class {name!r}{f' ({why})' if why else ''}, which "
+        f"deploy-diff does not export; it exports {TEXT_TO_IMAGE_CLASS} folders (text-to-image) and pipelines "
+        "around a UNet2DModel (DDPMPipeline, DDIMPipeline, ...)"
+    )
+
+
 def load_diffusers_source(folder: str | Path, scheduler_config: str | Path | None = None) -> ExportSource:
     """A diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) or a bare ``UNet2DModel``
     folder (``config.json`` + weights; then ``scheduler_config`` or diffusers' DDPM default)."""
@@ -144,6 +190,12 @@ def load_diffusers_source(folder: str | Path, scheduler_config: str | Path | Non
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder; expected a diffusers pipeline or UNet2DModel folder")
     if (folder / "model_index.json").is_file():
+        if diffusers_pipeline_kind(folder) == "text-to-image":
+            raise ExportError(
+                f"{folder} is a {TEXT_TO_IMAGE_CLASS} folder, a text-to-image source: export it with "
+                "deploy_diff.export.export_text_to_image(folder, out) or `deploy-diff export --from-diffusers "
+                f"{folder} --out BUNDLE`"
+            )
         index = _read_json(folder / "model_index.json", "diffusers pipeline")
         unet_dir = folder / "unet"
         if "unet" not in index or not unet_dir.is_dir():
@@ -161,7 +213,8 @@ def load_diffusers_source(folder: str | Path, scheduler_config: str | Path | Non
     if cls_name != "UNet2DModel":
         raise ExportError(
             f"{unet_dir}: the model is a {cls_name!r}; deploy-diff exports UNet2DModel (pixel-space, "
-            "unconditional or class-conditional) only"
+            f"unconditional or class-conditional) only here, and UNet2DConditionModel within a {TEXT_TO_IMAGE_CLASS} "
+            "folder (text-to-image)"
         )
     if unet_config.get("class_embed_type") not in (None,):
         raise ExportError(
