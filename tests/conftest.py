@@ -79,3 +79,24 @@ def cond_run_bundle(cond_run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rbundle") / "bundle"
     export_bundle(load_run_source(cond_run_dir), out, log=None)
     return out
+
+
+# -- the tiny Stable Diffusion pipeline (tests/_sd.py) and its text-to-image bundle, shared by the export, runtime
+# and CLI tests of issue 14 (the export takes ~35 s on 2 shared cores: once per session) --------------------------
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """The tiny random StableDiffusionPipeline folder (PNDM, seed 0, 8x8 latents, 16x16 images)."""
+    from _sd import make_tiny_sd_folder
+
+    return make_tiny_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def sd_bundle(sd_folder, tmp_path_factory):
+    """``sd_folder`` exported through the CLI (``deploy-diff export --from-diffusers DIR --out B --fp16``)."""
+    from deploy_diff.cli import main
+
+    out = tmp_path_factory.mktemp("sdbundle") / "bundle"
+    if main(["export", "--from-diffusers", str(sd_folder), "--out", str(out), "--fp16"]) != 0:
+        raise RuntimeError("exporting the tiny Stable Diffusion pipeline failed (see the captured stderr)")
+    return out

@@ -149,14 +149,42 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:  # the converter keys its block list by node name
         if not node.name:
             raise ValueError("every node needs a name for the fp16 conversion")
+    float_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model,
             keep_io_types=True,
             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_BLOCKED_OPS),
             node_block_list=timestep_embedding_nodes(model),
         )
+    return _float_outputs(converted, float_outputs)
+
+
+def _float_outputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Make the outputs ``names`` float32 again where the converter left them float16 (it does when the output's
+    node is a blocked one, e.g. a text encoder's final LayerNormalization: it casts that float32 result to float16
+    for the graph output despite ``keep_io_types``): the closing Cast then casts to float32, or one is added."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        t = out.type.tensor_type
+        if out.name not in names or t.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        node = producers.get(out.name)
+        if node is not None and node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to":
+                    attr.i = onnx.TensorProto.FLOAT
+        else:
+            inner = out.name + "_fp16"
+            for n in model.graph.node:
+                n.output[:] = [inner if o == out.name else o for o in n.output]
+                n.input[:] = [inner if i == out.name else i for i in n.input]
+            model.graph.node.append(
+                onnx.helper.make_node("Cast", [inner], [out.name], name=inner + "_to_float", to=onnx.TensorProto.FLOAT)
+            )
+        t.elem_type = onnx.TensorProto.FLOAT
+    return model
 
 
 def save_onnx(

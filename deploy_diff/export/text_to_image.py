@@ -460,6 +460,41 @@ def _components(src: TextToImageSource, batches: Sequence[int]) -> list[_Compone
     return [text_encoder, unet, vae_decoder]
 
 
+def _export_component(
+    c: _Component, folder: Path, *, opset: int, fp16: bool, optimize: bool, external_data_threshold: int, log: Log
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, float], str | None]:
+    """Write and validate one component's graphs in ``folder``; return its manifest ``graphs`` entry, validation
+    reports, optimisation entry, seconds, and why its optional fp16 graph was left out (else None)."""
+    t0 = time.perf_counter()
+    log(f"exporting the {c.name} to ONNX (opset {opset})")
+    files = COMPONENT_GRAPH_FILES[c.name]
+    written = write_component(
+        c.module,
+        c.example,
+        c.input_names,
+        folder,
+        files,
+        output_name=c.output_name,
+        opset=opset,
+        fp16=fp16,
+        optimize=optimize,
+        external_data_threshold=external_data_threshold,
+        dynamic_shapes=c.dynamic_shapes,
+        dim_names=c.dim_names,
+    )
+    seconds = {f"export_{c.name}_s": time.perf_counter() - t0}
+
+    def check(graph: Path, precision: str, consequence: str) -> dict[str, Any]:
+        return compare_graph(c.module, graph, precision, c.cases, c.describe, consequence=consequence)
+
+    report, took, why = validate_written(
+        written, check, log, c.where, fp16_optional=c.fp16_optional, prefix=f"{c.name}_"
+    )
+    seconds.update(took)
+    entry = {"files": {p: files[p] for p in written.precisions}, "inputs": c.inputs, "outputs": c.outputs}
+    return entry, report, written.optimization, seconds, why
+
+
 def export_text_to_image(
     source: TextToImageSource | str | os.PathLike,
     out: str | os.PathLike,
@@ -498,41 +533,19 @@ def export_text_to_image(
         log(f"writing {TOKENIZER_FILE} and checking it against transformers' {type(src.tokenizer).__name__}")
         tokenizer_check = write_tokenizer(src, folder / TOKENIZER_FILE)
         for c in _components(src, batches):
-            t1 = time.perf_counter()
-            log(f"exporting the {c.name} to ONNX (opset {opset})")
-            files = COMPONENT_GRAPH_FILES[c.name]
-            written = write_component(
-                c.module,
-                c.example,
-                c.input_names,
+            done = _export_component(
+                c,
                 folder,
-                files,
-                output_name=c.output_name,
                 opset=opset,
                 fp16=fp16,
                 optimize=optimize,
                 external_data_threshold=external_data_threshold,
-                dynamic_shapes=c.dynamic_shapes,
-                dim_names=c.dim_names,
+                log=log,
             )
-            seconds[f"export_{c.name}_s"] = time.perf_counter() - t1
-
-            def check(graph: Path, precision: str, consequence: str, c: _Component = c) -> dict[str, Any]:
-                return compare_graph(c.module, graph, precision, c.cases, c.describe, consequence=consequence)
-
-            report, took, why = validate_written(
-                written, check, log, c.where, fp16_optional=c.fp16_optional, prefix=f"{c.name}_"
-            )
+            graphs[c.name], validation[c.name], optimization[c.name], took, why = done
             seconds.update(took)
-            validation[c.name] = report
-            optimization[c.name] = written.optimization
             if why is not None:
                 skipped[c.name] = why
-            graphs[c.name] = {
-                "files": {p: files[p] for p in written.precisions},
-                "inputs": c.inputs,
-                "outputs": c.outputs,
-            }
         write_json(folder / SCHEDULER_FILE, src.scheduler_config, sort_keys=True)
         seconds["total_s"] = time.perf_counter() - t0
         manifest = {

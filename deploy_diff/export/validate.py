@@ -132,6 +132,8 @@ def compare_graph(
         feeds = {k: v.numpy() for k, v in inputs.items() if k in names}
         got = session.run(None, feeds)[0]
         case = dict(describe(inputs))
+        if got.dtype != np.float32:
+            raise ValidationError(f"{graph.name}: the output is {got.dtype}; graphs give float32 (fp16 ones too)")
         if got.shape != expected.shape:
             raise ValidationError(
                 f"{graph.name}: output shape {got.shape} != torch's {expected.shape} at {_where(case)}"
