@@ -454,7 +454,7 @@ def _read_graphs(table: Any, files: dict[str, Any], mpath: Path, components: tup
                 )
             if name not in files:
                 raise BundleError(
-                    f"{mpath}: graphs.{component}.{precision} names {name!r}, which the `files` table does not list"
+                    f"{mpath} lists no {name} in its `files` table (graphs.{component}.{precision} names it)"
                 )
         if "fp32" not in names:
             raise BundleError(f"{mpath}: the bundle is missing the {component} graph (graphs.{component} has no fp32)")

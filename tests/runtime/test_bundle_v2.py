@@ -74,7 +74,10 @@ def test_format_1_bundles_load_and_sample_as_before(diffusers_bundle, tmp_path):
         (lambda m: m.update(graphs={"fp32": "unet.onnx"}), "missing the unet graph"),  # a format-1 table in v2
         (lambda m: m["graphs"]["unet"]["files"].pop("fp32"), "missing the unet graph \\(graphs.unet has no fp32\\)"),
         (lambda m: m["graphs"]["unet"]["files"].update(int8="unet.onnx"), "'int8' graph; precisions are"),
-        (lambda m: m["graphs"]["unet"]["files"].update(fp16="other.onnx"), "'other.onnx', which the `files` table"),
+        (
+            lambda m: m["graphs"]["unet"]["files"].update(fp16="other.onnx"),
+            "lists no other.onnx in its `files` table \\(graphs.unet.fp16 names it\\)",
+        ),
     ],
 )
 def test_a_bad_format_2_pixel_manifest_is_refused(diffusers_bundle, tmp_path, edit, words):
