@@ -118,9 +118,13 @@ def _relative(a, b):
     return float(np.abs(a - b).max() / max(1.0, np.abs(b).max()))
 
 
-def test_tokenizer_equals_the_pipelines(sd_pipe, reference):
-    want = reference.tokenizer(PROMPTS + ["x " * 100], padding="max_length", max_length=77, truncation=True)
-    np.testing.assert_array_equal(sd_pipe.tokenizer(PROMPTS + ["x " * 100]), np.array(want.input_ids))
+def test_tokenizer_equals_the_pipelines_and_truncation_is_logged(sd_pipe, reference, caplog):
+    long = " ".join(f"w{i}" for i in range(100))
+    want = reference.tokenizer(PROMPTS + [long], padding="max_length", max_length=77, truncation=True)
+    np.testing.assert_array_equal(sd_pipe.tokenizer(PROMPTS + [long]), np.array(want.input_ids))
+    with caplog.at_level("WARNING", logger="deploy_diff.runtime.text_to_image"):
+        sd_pipe.encode_prompt(PROMPTS + [long])
+    assert len(caplog.records) == 1 and "truncated" in caplog.text and "w99" in caplog.text and "w0 " not in caplog.text
 
 
 def test_text_encoder_equals_transformers(sd_pipe, reference):
