@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtime.arguments import is_int
 from ..runtime.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -374,7 +375,7 @@ def _components(src: TextToImageSource, batches: Sequence[int]) -> list[_Compone
 
     # text encoder: prompts as the runtime tokenizes them, and random ids at a shorter length (seq is symbolic)
     tok = src.tokenizer
-    prompts = list(TOKENIZER_PROBES[:b_big])
+    prompts = [TOKENIZER_PROBES[i % len(TOKENIZER_PROBES)] for i in range(b_big)]
     ids = [
         torch.tensor(tok(prompts[:b], padding="max_length", max_length=L, truncation=True)["input_ids"])
         for b in dict.fromkeys((b_small, b_big))
@@ -518,9 +519,10 @@ def export_text_to_image(
     out = Path(out)
     log = log or (lambda _msg: None)
     _check_options(opset, None)
-    batches = [int(b) for b in validation_batches]
-    if not batches or any(b < 1 for b in batches):
-        raise ExportError(f"validation_batches must be positive batch sizes; got {list(validation_batches)!r}")
+    batches = list(validation_batches)
+    if not batches or not all(is_int(b) and b >= 1 for b in batches):
+        raise ExportError(f"validation_batches must be positive batch sizes; got {batches!r}")
+    batches = [int(b) for b in batches]
     check_destination(out)
     t0 = time.perf_counter()
     src = source if isinstance(source, TextToImageSource) else load_text_to_image_source(source)

@@ -264,3 +264,19 @@ def test_cli_flags_that_do_not_apply_are_refused(sd_folder, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "ExportError" in err and flags[0] in err and "does not apply to a StableDiffusionPipeline" in err
     assert not out.exists()
+
+
+def test_bad_options_are_refused_before_any_work(sd_folder, tmp_path):
+    occupied = tmp_path / "notes"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    for kwargs, words in (
+        ({"opset": 16}, "opset must be an integer >= 17"),
+        ({"validation_batches": []}, "validation_batches must be positive batch sizes; got \\[\\]"),
+        ({"validation_batches": [1, 2.5]}, "validation_batches must be positive"),
+    ):
+        with pytest.raises(ExportError, match=words):
+            export_text_to_image(sd_folder, tmp_path / "b", log=None, **kwargs)
+    with pytest.raises(ExportError, match="is a folder that is not a bundle"):
+        export_text_to_image(sd_folder, occupied, log=None)
+    assert (occupied / "keep.txt").read_text() == "mine" and not (tmp_path / "b").exists()
