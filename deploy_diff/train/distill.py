@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..runtime._fileio import sha256_file
 from ..runtime.schedulers.sigmas import spaced_timesteps
 from .checkpoint import CheckpointError, find_checkpoint
+from .objective import lr_at
 from .trainer import Trainer
 from .unet import UNet
 
@@ -241,6 +242,14 @@ class Distiller(Trainer):
             raise CheckpointError(f"{self.ckpt.path}: a progressive run past round 1 must hold its round teacher")
         self.round_teacher = copy.deepcopy(self.teacher)
         self.round_teacher.load_state_dict(saved)
+
+    def learning_rate(self, step: int) -> float:
+        """Consistency: warmup and cosine decay over the run. Progressive: the same within each round (every round
+        trains a new student from the previous one and needs the full rate, the last round most of all)."""
+        if self.method != "progressive":
+            return super().learning_rate(step)
+        per_round = dataclasses.replace(self.cfg, steps=self.steps_per_round)
+        return lr_at(step - self._round(step) * self.steps_per_round, per_round)
 
     def _start_round_if_due(self) -> None:
         if self.step == 0 or self.step % self.steps_per_round or self._round(self.step) == self._round(self.step - 1):

@@ -357,11 +357,15 @@ class Trainer:
             cfg.mixed_precision,
         )
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): :func:`lr_at` over the whole run."""
+        return lr_at(step, self.cfg)
+
     def train_step(self) -> float:
         """One optimizer step; returns the loss."""
         cfg = self.cfg
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
+            group["lr"] = self.learning_rate(self.step)
         loss = self.compute_loss()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -428,14 +432,14 @@ class Trainer:
                 window.append(loss)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, cfg):.2e}")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.learning_rate(self.step - 1):.2e}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - start
                     self._log_metrics(
                         {
                             "step": self.step,
                             "loss": float(np.mean(window)),
-                            "lr": lr_at(self.step - 1, cfg),
+                            "lr": self.learning_rate(self.step - 1),
                             "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9),
                             "time_s": elapsed,
                         }
@@ -457,7 +461,7 @@ class Trainer:
                 {
                     "step": self.step,
                     "loss": float(np.mean(window)),
-                    "lr": lr_at(self.step - 1, cfg),
+                    "lr": self.learning_rate(self.step - 1),
                     "time_s": time.perf_counter() - start,
                 }
             )
