@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (default 1; part of the settings)")
     p.add_argument(
         "--scheduler",
-        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc (default: the bundle's own)",
+        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc, pndm, lcm (default: the bundle's "
+        "own)",
     )
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (models with a null label)")
