@@ -16,7 +16,8 @@ then writes, inside one :func:`~.staging.staging_folder` (nothing is visible at 
    * ``text_encoder.onnx``: ``input_ids`` int64[batch, seq] -> ``last_hidden_state`` float32[batch, seq, hidden];
    * ``unet.onnx``: ``sample`` float32[batch, C, height, width], ``timestep`` float32[batch],
      ``encoder_hidden_states`` float32[batch, seq, hidden] -> ``out``; height and width are symbolic multiples
-     of the UNet's downsampling factor, validated at the default latent size and a second, non-square one;
+     of the UNet's downsampling factor (the manifest's ``model.size_multiple`` is the image-pixel multiple:
+     ``vae_scale_factor`` times it), validated at the default latent size and a second, non-square one;
    * ``vae_decoder.onnx``: ``latent_sample`` float32[batch, C, height, width] -> ``sample``
      float32[batch, 3, f*height, f*width] (the runtime divides latents by ``scaling_factor`` first; validation
      feeds latents of that scale);
@@ -168,6 +169,7 @@ class TextToImageSource:
             "out_channels": self.out_channels,
             "prediction_type": self.prediction_type,
             "vae_scale_factor": self.vae_scale_factor,
+            "size_multiple": self.vae_scale_factor * self.unet_factor,  # image sides the graphs take
             "scaling_factor": self.scaling_factor,
             "image_channels": self.image_channels,
             "text_hidden_size": self.text_hidden_size,

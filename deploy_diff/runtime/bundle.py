@@ -188,7 +188,19 @@ class TextToImageInfo:
     eos_token_id: int | None
     tokenizer_file: str
     unet_inputs: tuple[str, ...]  # ("sample", "timestep", "encoder_hidden_states")
+    #: image sides are multiples of this: vae_scale_factor times the UNet's downsampling factor (the exported UNet
+    #: takes latent sides divisible by the latter); None (bundles that do not record it): vae_scale_factor
+    size_multiple: int | None = None
     static_batch: None = None  # text-to-image graphs always take a dynamic batch
+
+    def __post_init__(self) -> None:
+        if self.size_multiple is None:
+            object.__setattr__(self, "size_multiple", self.vae_scale_factor)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides the UNet takes are multiples of this (``size_multiple // vae_scale_factor``)."""
+        return self.size_multiple // self.vae_scale_factor
 
     @classmethod
     def from_manifest(cls, model: dict[str, Any], unet_inputs: tuple[str, ...]) -> TextToImageInfo:
@@ -215,6 +227,17 @@ class TextToImageInfo:
             tokenizer_file = tok.get("file", TOKENIZER_FILE)
             if not isinstance(tokenizer_file, str) or not tokenizer_file:
                 raise BundleError(f"the manifest's model.tokenizer.file must be a file name; got {tokenizer_file!r}")
+            vae_factor = _int(model, "vae_scale_factor", 1, 64)
+            multiple = _int(model, "size_multiple", 1, MAX_SIDE, optional=True) or vae_factor
+            if multiple % vae_factor:
+                raise BundleError(
+                    f"the manifest's model.size_multiple={multiple} is not a multiple of vae_scale_factor={vae_factor}"
+                )
+            if any(side % (multiple // vae_factor) for side in size):
+                raise BundleError(
+                    f"the manifest's model.sample_size {size} is not a multiple of the latent sides the UNet takes "
+                    f"(size_multiple {multiple} / vae_scale_factor {vae_factor} = {multiple // vae_factor})"
+                )
             missing = [n for n in ("sample", "timestep", "encoder_hidden_states") if n not in unet_inputs]
             if missing:
                 raise BundleError(f"the manifest's unet graph lacks the inputs {missing}; it lists {list(unet_inputs)}")
@@ -223,7 +246,7 @@ class TextToImageInfo:
                 in_channels=_int(model, "in_channels", 1, MAX_CHANNELS),
                 out_channels=_int(model, "out_channels", 1, 2 * MAX_CHANNELS),
                 prediction_type=str(model.get("prediction_type", "epsilon")),
-                vae_scale_factor=_int(model, "vae_scale_factor", 1, 64),
+                vae_scale_factor=vae_factor,
                 scaling_factor=float(scaling),
                 image_channels=_int(model, "image_channels", 1, 4),
                 text_hidden_size=_int(model, "text_hidden_size", 1, 1 << 16),
@@ -234,6 +257,7 @@ class TextToImageInfo:
                 eos_token_id=_int(tok, "eos_token_id", 0, 1 << 31, optional=True),
                 tokenizer_file=tokenizer_file,
                 unet_inputs=tuple(unet_inputs),
+                size_multiple=multiple,
             )
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
             if isinstance(e, BundleError):

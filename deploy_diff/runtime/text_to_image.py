@@ -310,16 +310,22 @@ class TextToImagePipeline:
 
     def image_size(self, height: Any = None, width: Any = None) -> tuple[int, int]:
         """``(height, width)`` of the images a call makes: each given one, or the UNet's ``sample_size`` times the
-        VAE's ``vae_scale_factor`` when None. ``ValueError`` unless a positive int divisible by that factor."""
-        m, f = self.model, self.model.vae_scale_factor
+        VAE's ``vae_scale_factor`` when None. ``ValueError`` unless a positive int divisible by the bundle's
+        ``size_multiple`` (the VAE's factor times the UNet's downsampling factor: the exported UNet takes latent
+        sides divisible by the latter)."""
+        m, f, multiple = self.model, self.model.vae_scale_factor, self.model.size_multiple
+        if multiple == f:
+            why = f"the VAE's factor: one latent pixel is {f}x{f} image pixels"
+        else:
+            why = (
+                f"the VAE's factor {f} times the UNet's downsampling factor {multiple // f}: the UNet takes latent "
+                f"sides divisible by {multiple // f}"
+            )
         sides = []
         for name, value, default in (("height", height, m.sample_size[0]), ("width", width, m.sample_size[1])):
             value = default * f if value is None else value
-            if not is_int(value) or value < f or value % f:
-                raise ValueError(
-                    f"{name} must be a positive int divisible by the VAE's factor {f} (one latent pixel is {f}x{f} "
-                    f"image pixels); got {value!r}"
-                )
+            if not is_int(value) or value < multiple or value % multiple:
+                raise ValueError(f"{name} must be a positive int divisible by {multiple} ({why}); got {value!r}")
             sides.append(int(value))
         return sides[0], sides[1]
 
@@ -371,11 +377,12 @@ class TextToImagePipeline:
         only when ``guidance_scale > 1`` (classifier-free guidance; ``None`` or <= 1 runs the prompts alone).
         ``num_inference_steps``: None means 50. ``seed``: one int (one torch-compatible generator for the whole
         batch, as diffusers' ``generator=torch.manual_seed(seed)``), a list with one int per image, or None (a
-        random seed). ``height`` / ``width``: image pixels, divisible by the VAE's factor (default: the UNet's
-        sample size times it). ``latents``: float32[N, C, height/f, width/f] starting noise instead of drawing it
-        (scaled by the scheduler's ``init_noise_sigma`` like drawn noise). ``output_type``: ``"np"`` float32
-        [N, H, W, 3] in [0, 1], ``"uint8"``, ``"pil"``, or ``"latent"`` (the final latents, float32 [N, C, h, w],
-        not decoded). ``eta``: DDIM's noise weight. ``callback(step_index, timestep, latents)`` after every step.
+        random seed). ``height`` / ``width``: image pixels, divisible by the bundle's ``size_multiple`` (default: the
+        UNet's sample size times the VAE's factor). ``latents``: float32[N, C, height/f, width/f] starting noise
+        instead of drawing it (scaled by the scheduler's ``init_noise_sigma`` like drawn noise). ``output_type``:
+        ``"np"`` float32 [N, H, W, 3] in [0, 1], ``"uint8"``, ``"pil"``, or ``"latent"`` (the final latents, float32
+        [N, C, h, w], not decoded). ``eta``: DDIM's noise weight. ``callback(step_index, timestep, latents)`` after
+        every step.
 
         Raises ``TypeError`` for a prompt that is not a str or a list of str, ``ValueError`` for any other bad
         argument (before a graph runs), :class:`~.sampling.NonFiniteError` naming the step when the latents stop

@@ -51,7 +51,7 @@ def test_defaults_are_diffusers(sd_bundle, tmp_path, capsys):
     [
         ([], "is a text-to-image bundle: give --prompt TEXT"),
         (["--prompt", "a", "--class", "3"], "--class is for pixel-space bundles; "),
-        (["--prompt", "a", "--height", "15"], "ValueError: --height must be a positive int divisible by the VAE's"),
+        (["--prompt", "a", "--height", "18"], "ValueError: --height must be a positive int divisible by 4 (the VAE's"),
         (["--prompt", "a", "-n", "0"], "ValueError: -n must be a positive int; got 0"),
         (["--prompt", "a", "--guidance", "nan"], "ValueError: --guidance must be a finite number"),
         (["--prompt", "a", "--scheduler", "ddim", "--eta", "-1"], "eta must be a finite number >= 0"),

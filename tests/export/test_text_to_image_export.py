@@ -56,6 +56,8 @@ def test_manifest_is_format_2_text_to_image(sd_bundle, reference):
     assert isinstance(info, TextToImageInfo)
     assert info.sample_size == (unet.sample_size, unet.sample_size) and info.in_channels == info.out_channels == 4
     assert info.vae_scale_factor == reference.vae_scale_factor == 2 and info.scaling_factor == vae.scaling_factor
+    unet_factor = 2 ** (len(unet.block_out_channels) - 1)  # the UNet's downsamplers: latent sides it takes
+    assert m["model"]["size_multiple"] == info.size_multiple == 2 * unet_factor == 4
     assert info.text_hidden_size == reference.text_encoder.config.hidden_size == unet.cross_attention_dim
     assert (info.model_max_length, info.pad_token, info.pad_token_id) == (77, tok.pad_token, tok.pad_token_id)
     assert (info.bos_token_id, info.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)

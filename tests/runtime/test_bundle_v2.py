@@ -93,6 +93,7 @@ def test_a_text_to_image_bundle_reads_its_graphs_and_facts(sd_bundle):
     assert isinstance(info, TextToImageInfo)
     assert (info.sample_size, info.vae_scale_factor, info.image_channels, info.text_hidden_size) == ((8, 8), 2, 3, 32)
     assert (info.model_max_length, info.pad_token, info.tokenizer_file) == (77, "<|endoftext|>", "tokenizer.json")
+    assert (info.size_multiple, info.latent_multiple) == (4, 2)  # VAE factor 2 times the UNet's 2 (two blocks)
     assert bundle.tokenizer_path == sd_bundle / "tokenizer.json"
     for component in bundle.components:
         assert bundle.component_precisions(component) == ("fp32", "fp16")
@@ -102,6 +103,13 @@ def test_a_text_to_image_bundle_reads_its_graphs_and_facts(sd_bundle):
         bundle.graph_path("fp32", "safety_checker")
     with pytest.raises(ValueError, match="precision must be one of"):
         bundle.graph_path("bf16", "unet")
+
+
+def test_a_bundle_without_size_multiple_takes_multiples_of_the_vae_factor(sd_bundle, tmp_path):
+    """Bundles written before model.size_multiple was recorded load as before: sides are multiples of the VAE's
+    factor alone."""
+    info = load_bundle(edited(sd_bundle, tmp_path, lambda m: m["model"].pop("size_multiple"))).model
+    assert (info.size_multiple, info.latent_multiple) == (2, 1)
 
 
 def test_a_left_out_fp16_graph_says_why(sd_bundle, tmp_path):
@@ -131,6 +139,9 @@ def _drop_tokenizer(m):
         (lambda m: m["model"].update(scaling_factor=0), "scaling_factor must be a positive number; got 0"),
         (lambda m: m["model"].update(sample_size=[8, 10**6]), "sample_size must be two ints in \\[1, 8192\\]"),
         (lambda m: m["model"].update(vae_scale_factor="8"), "vae_scale_factor must be an int"),
+        (lambda m: m["model"].update(size_multiple=3), "size_multiple=3 is not a multiple of vae_scale_factor=2"),
+        (lambda m: m["model"].update(size_multiple=True), "size_multiple must be an int in \\[1, 8192\\]"),
+        (lambda m: m["model"].update(size_multiple=32), "sample_size \\[8, 8\\] is not a multiple of the latent sides"),
         (lambda m: m["graphs"]["unet"]["inputs"].pop("encoder_hidden_states"), "lacks the inputs"),
     ],
 )

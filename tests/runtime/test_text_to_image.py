@@ -2,6 +2,7 @@
 for the same seed (every scheduler, negative prompts, batches, sizes, given latents, no guidance), each graph equals
 its torch module on its own, errors are clear, threads share one pipeline, and torch is never imported."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,6 @@ def test_openvino_equals_onnxruntime(sd_bundle, sd_pipe):
 
 
 def test_fp16_graphs_sample_close_to_fp32_and_each_component_falls_back_alone(sd_bundle, sd_pipe):
-    import dataclasses
-
     from deploy_diff.runtime.bundle import GraphInfo
     from deploy_diff.runtime.text_to_image import component_precision
 
@@ -253,7 +252,8 @@ def test_tensorrt_run_takes_named_inputs(monkeypatch, tmp_path):
         (dict(prompt="a", negative_prompt=3), TypeError, "negative_prompt must be a str or a list of str"),
         (dict(prompt=["a", "b"], negative_prompt=["c"]), ValueError, "got 1 negative prompts for 2 prompts"),
         (dict(prompt="a", negative_prompt=["c", "d"]), ValueError, "got 2 negative prompts for 1 prompts"),
-        (dict(prompt="a", height=15), ValueError, "height must be a positive int divisible by the VAE's factor 2"),
+        (dict(prompt="a", height=15), ValueError, "height must be a positive int divisible by 4 \\(the VAE's factor"),
+        (dict(prompt="a", height=18), ValueError, "divisible by 4 \\(the VAE's factor 2 times the UNet's downsampling"),
         (dict(prompt="a", width=0), ValueError, "width must be a positive int divisible"),
         (dict(prompt="a", width=16.0), ValueError, "width must be a positive int"),
         (dict(prompt="a", num_images_per_prompt=0), ValueError, "num_images_per_prompt must be a positive int"),
@@ -269,6 +269,21 @@ def test_tensorrt_run_takes_named_inputs(monkeypatch, tmp_path):
 def test_bad_call_arguments(sd_pipe, kw, err, match):
     with pytest.raises(err, match=match):
         sd_pipe(**kw, num_inference_steps=2)
+
+
+def test_image_sides_are_multiples_of_the_bundles_size_multiple(sd_pipe):
+    """The tiny UNet halves its latents once, so it takes even latent sides: images in multiples of 4 (18 would
+    reach ONNX Runtime as 9x8 latents and fail inside the UNet's Concat). A bundle that does not record
+    size_multiple is checked against the VAE's factor alone."""
+    assert sd_pipe.image_size() == (16, 16) and sd_pipe.image_size(20, 12) == (20, 12)
+    assert sd_pipe("a", height=20, width=12, num_inference_steps=2, seed=0).shape == (1, 20, 12, 3)
+    old = dataclasses.replace(sd_pipe.model, size_multiple=None)
+    assert old.size_multiple == 2
+    pipe = TextToImagePipeline(sd_pipe.text_encoder, sd_pipe.unet, sd_pipe.vae_decoder, sd_pipe.tokenizer, old,
+                               sd_pipe.scheduler_config)  # fmt: skip
+    assert pipe.image_size(18, 14) == (18, 14)
+    with pytest.raises(ValueError, match=r"width must be a positive int divisible by 2 \(the VAE's factor: one latent"):
+        pipe.image_size(16, 15)
 
 
 def test_non_finite_latents_name_the_step(sd_pipe):
