@@ -29,7 +29,17 @@ from .rng import TorchGenerator
 from .sampling import sample
 from .schedulers import SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
-__all__ = ["BACKENDS", "Pipeline", "check_backend", "graph_for", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "Pipeline",
+    "build_scheduler",
+    "check_backend",
+    "check_scheduler",
+    "graph_for",
+    "select_backend",
+    "select_backend_for",
+    "seed_generators",
+]
 
 DEFAULT_INFERENCE_STEPS = 50  # for bundles that record no default_inference_steps
 MAX_ELEMENTS = 1 << 31  # latent values per call (8 GiB of float32): a larger request is refused up front
@@ -62,6 +72,62 @@ def select_backend(
         raise ValueError(f"the openvino backend supports device 'cpu' only; got {device!r}")
     check_precision(backend, precision)
     return backend
+
+
+def select_backend_for(
+    backend: str, device: str, precision: str, cuda_graph: bool, providers: Sequence[Any] | None
+) -> str:
+    """:func:`select_backend` for a ``from_bundle`` call: ``cuda_graph`` and ``providers`` are ONNX Runtime's own
+    options, so they pin ``"auto"`` to it, and any other backend given them is a ``ValueError``."""
+    backend = select_backend(backend, device, precision, cuda_graph or providers is not None)
+    if backend != "onnxruntime" and (cuda_graph or providers is not None):
+        raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")
+    return backend
+
+
+def check_scheduler(scheduler: Any) -> str | Any | None:
+    """A pipeline's ``scheduler`` argument, returned as given: None, a name of
+    :data:`~.schedulers.SCHEDULER_NAMES` (any case) or a scheduler instance (anything with ``step``). ``ValueError``
+    for an unknown name, ``TypeError`` for anything else."""
+    if isinstance(scheduler, str) and scheduler.lower() not in SCHEDULER_NAMES:
+        raise ValueError(
+            f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULER_NAMES)} or a scheduler instance"
+        )
+    if scheduler is not None and not isinstance(scheduler, str) and not hasattr(scheduler, "step"):
+        raise TypeError(f"scheduler must be a name or a scheduler instance; got {type(scheduler).__name__}")
+    return scheduler
+
+
+def build_scheduler(scheduler: str | Any | None, scheduler_config: dict[str, Any], prediction_type: str) -> Any:
+    """A fresh scheduler for one call (schedulers keep per-run state, so calls never share one): the bundle's own
+    (``scheduler`` None, from ``scheduler_config``), one by name built from that config as diffusers'
+    ``Other.from_config`` would, or a deep copy of an instance. ``ValueError`` when its ``prediction_type`` is not
+    the model's."""
+    if scheduler is None:
+        sched = load_scheduler(scheduler_config)
+    elif isinstance(scheduler, str):
+        sched = scheduler_from_name(scheduler, scheduler_config)
+    else:
+        sched = copy.deepcopy(scheduler)
+    pt = getattr(sched, "config", {}).get("prediction_type")
+    if pt is not None and pt != prediction_type:
+        raise ValueError(
+            f"the scheduler's prediction_type is {pt!r} but the model predicts {prediction_type!r}; configure the "
+            f"scheduler with prediction_type={prediction_type!r}"
+        )
+    return sched
+
+
+def seed_generators(seed: Any, n: int) -> TorchGenerator | list[TorchGenerator]:
+    """The noise of a call making ``n`` images (``seed`` checked by :func:`~.arguments.check_seeds`): one
+    torch-compatible generator for an int (diffusers' ``generator=torch.manual_seed(seed)``) or for None (a random
+    seed), one per image for a list."""
+    seeds = check_seeds(seed, n)
+    if seeds is None:
+        return TorchGenerator(secrets.randbits(32))
+    if isinstance(seeds, list):
+        return [TorchGenerator(s) for s in seeds]
+    return TorchGenerator(seeds)
 
 
 def graph_for(bundle: Bundle, backend: str, precision: str) -> Path:
@@ -144,13 +210,7 @@ class Pipeline:
         self.model = model
         self.scheduler_config = dict(scheduler_config)
         self.bundle = bundle
-        if isinstance(scheduler, str) and scheduler.lower() not in SCHEDULER_NAMES:
-            raise ValueError(
-                f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULER_NAMES)} or a scheduler instance"
-            )
-        if scheduler is not None and not isinstance(scheduler, str) and not hasattr(scheduler, "step"):
-            raise TypeError(f"scheduler must be a name or a scheduler instance; got {type(scheduler).__name__}")
-        self.scheduler = scheduler
+        self.scheduler = check_scheduler(scheduler)
         self.make_scheduler()  # fail now, not at the first call, when the config does not fit
 
     @classmethod
@@ -188,9 +248,7 @@ class Pipeline:
                 "deploy_diff.runtime.TextToImagePipeline.from_bundle (or deploy_diff.runtime.load, which picks the "
                 "pipeline the manifest calls for); Pipeline samples pixel-space UNet bundles"
             )
-        backend = select_backend(backend, device, precision, cuda_graph or providers is not None)
-        if backend != "onnxruntime" and (cuda_graph or providers is not None):
-            raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")
+        backend = select_backend_for(backend, device, precision, cuda_graph, providers)
         if backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeRunner
 
@@ -224,31 +282,9 @@ class Pipeline:
 
     # -- pieces -------------------------------------------------------------------------------------------
     def make_scheduler(self) -> Any:
-        """A fresh scheduler for one call (schedulers keep per-run state, so calls never share one)."""
-        s = self.scheduler
-        if s is None:
-            sched = load_scheduler(self.scheduler_config)
-        elif isinstance(s, str):
-            sched = scheduler_from_name(s, self.scheduler_config)
-        else:
-            sched = copy.deepcopy(s)
-        pt = getattr(sched, "config", {}).get("prediction_type")
-        if pt is not None and pt != self.model.prediction_type:
-            raise ValueError(
-                f"the scheduler's prediction_type is {pt!r} but the model predicts "
-                f"{self.model.prediction_type!r}; configure the scheduler with "
-                f"prediction_type={self.model.prediction_type!r}"
-            )
-        return sched
-
-    @staticmethod
-    def _generators(seed: Any, n: int) -> Any:
-        seeds = check_seeds(seed, n)
-        if seeds is None:
-            return TorchGenerator(secrets.randbits(32))
-        if isinstance(seeds, list):
-            return [TorchGenerator(s) for s in seeds]
-        return TorchGenerator(seeds)
+        """A fresh scheduler for one call (schedulers keep per-run state, so calls never share one; see
+        :func:`build_scheduler`)."""
+        return build_scheduler(self.scheduler, self.scheduler_config, self.model.prediction_type)
 
     # -- sampling -----------------------------------------------------------------------------------------
     def __call__(
@@ -295,7 +331,7 @@ class Pipeline:
             where=f"num_images={n}",
         )
         num_inference_steps = self.inference_steps(num_inference_steps)
-        generator = self._generators(seed, n)
+        generator = seed_generators(seed, n)
         shape = (n, m.in_channels, m.sample_size[0], m.sample_size[1])
         x = sample(
             self.runner,

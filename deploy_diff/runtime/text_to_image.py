@@ -28,9 +28,8 @@ from .arguments import check_guidance_scale, is_int
 from .backends.base import parse_device
 from .bundle import TEXT_TO_IMAGE_PIPELINE, Bundle, BundleError, TextToImageInfo, load_bundle
 from .images import to_images
-from .pipeline import MAX_ELEMENTS, Pipeline, select_backend
+from .pipeline import MAX_ELEMENTS, build_scheduler, check_scheduler, seed_generators, select_backend_for
 from .sampling import NonFiniteError, sample
-from .schedulers import SCHEDULER_NAMES
 from .tokenizer import PromptTokenizer, check_prompts
 
 __all__ = ["COMPONENTS", "TextToImagePipeline", "component_precision"]
@@ -194,23 +193,16 @@ class TextToImagePipeline:
         self.model = model
         self.scheduler_config = dict(scheduler_config)
         self.bundle = bundle
-        if isinstance(scheduler, str) and scheduler.lower() not in SCHEDULER_NAMES:
-            raise ValueError(
-                f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULER_NAMES)} or a scheduler instance"
-            )
-        if scheduler is not None and not isinstance(scheduler, str) and not hasattr(scheduler, "step"):
-            raise TypeError(f"scheduler must be a name or a scheduler instance; got {type(scheduler).__name__}")
-        self.scheduler = scheduler
+        self.scheduler = check_scheduler(scheduler)
         self.make_scheduler()  # fail now, not at the first call, when the config does not fit
 
-    _generators = staticmethod(Pipeline._generators)  # the noise rule of Pipeline, written once there
-
     def make_scheduler(self) -> Any:
-        """A fresh scheduler for one call, built as :meth:`Pipeline.make_scheduler` builds it, then with the two
-        settings diffusers' ``StableDiffusionPipeline`` forces on the scheduler it is given: ``steps_offset=1`` and
-        ``clip_sample=False`` wherever the scheduler has them (a DDIM built from an SD folder's PNDM config that
-        does not name ``clip_sample`` would otherwise clip its x0 predictions)."""
-        sched = Pipeline.make_scheduler(self)
+        """A fresh scheduler for one call, built as :meth:`Pipeline.make_scheduler` builds it
+        (:func:`~.pipeline.build_scheduler`), then with the two settings diffusers' ``StableDiffusionPipeline``
+        forces on the scheduler it is given: ``steps_offset=1`` and ``clip_sample=False`` wherever the scheduler has
+        them (a DDIM built from an SD folder's PNDM config that does not name ``clip_sample`` would otherwise clip
+        its x0 predictions)."""
+        sched = build_scheduler(self.scheduler, self.scheduler_config, self.model.prediction_type)
         config = dict(getattr(sched, "config", None) or {})
         fixes = {}
         if config.get("steps_offset", 1) != 1:
@@ -248,9 +240,7 @@ class TextToImagePipeline:
                 f"bundle {bundle.path} is a {bundle.pipeline!r} bundle (a pixel-space UNet), not a text-to-image "
                 "one: open it with Pipeline.from_bundle, or deploy_diff.runtime.load for either kind"
             )
-        backend = select_backend(backend, device, precision, cuda_graph or providers is not None)
-        if backend != "onnxruntime" and (cuda_graph or providers is not None):
-            raise ValueError(f"cuda_graph and providers are ONNX Runtime options; the {backend} backend takes neither")
+        backend = select_backend_for(backend, device, precision, cuda_graph, providers)
         tokenizer = PromptTokenizer.from_bundle(bundle)
         options = dict(providers=providers, num_threads=num_threads, cuda_graph=cuda_graph, cache_dir=cache_dir)
         runners: dict[str, Any] = {}
@@ -415,7 +405,7 @@ class TextToImagePipeline:
                 "in smaller batches"
             )
         num_inference_steps = self.inference_steps(num_inference_steps)
-        generator = self._generators(seed, n)  # the seed is checked before any graph runs
+        generator = seed_generators(seed, n)  # the seed is checked before any graph runs
         scheduler = self.make_scheduler()
 
         # one text encoder batch: the negative prompts ("" where none is given, as diffusers) then the prompts
