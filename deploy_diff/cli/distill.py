@@ -10,8 +10,9 @@ from ._common import add_command
 NAME = "distill"
 
 EXAMPLES = """examples:
-  deploy-diff distill runs/digits --out runs/digits-fast                 # consistency distillation, 4 steps
-  deploy-diff distill runs/digits --out runs/digits-pd --method progressive --target-steps 4
+  deploy-diff distill runs/digits --out runs/digits-fast                 # progressive distillation, 4 steps
+  deploy-diff distill runs/digits --out runs/digits-2 --target-steps 2   # a 2-step student
+  deploy-diff distill runs/digits --out runs/digits-lcm --method consistency   # LCM sampler, 1..50 steps
   deploy-diff distill runs/digits --out runs/digits-fast --steps 4000 --resume   # continue to 4000 steps
   deploy-diff export runs/digits-fast --out bundles/digits-fast && deploy-diff sample bundles/digits-fast --out g.png
 """
@@ -39,9 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         choices=("progressive", "consistency"),
-        help="consistency (default: measured best on digits, samples in 1..50 steps) or progressive",
+        help="progressive (default: the best at --target-steps on digits) or consistency (one student for 1..50 steps)",
     )
-    p.add_argument("--steps", type=int, help="optimizer steps in total (default: 2000 consistency, 2400 progressive)")
+    p.add_argument("--steps", type=int, help="optimizer steps in total (default: 3000 progressive, 2000 consistency)")
     p.add_argument(
         "--target-steps", type=int, default=4, help="the student's default number of model evaluations (default 4)"
     )

@@ -1,21 +1,21 @@
 """Distil a trained run into a few-step sampler: the student is an ordinary run folder that ``deploy-diff export``
 and the runtime take unchanged, and its ``scheduler_config.json`` is the few-step sampler.
 
-Two methods, both starting from the teacher's EMA weights and both training a v-prediction student (the x0
-estimate sqrt(abar) x - sqrt(1 - abar) v stays well conditioned where epsilon's does not, at the noisiest
-timesteps where a few-step sampler starts):
+Two methods, both starting from the teacher's EMA weights (see docs/benchmarks.md#distillation for the
+measurements behind the default and the settings):
 
-- ``"consistency"`` (the default, chosen by measurement: docs/distillation.md) -- latent-consistency-model style
-  consistency distillation (Song et al. 2023; Luo et al. 2023). Timesteps live on the skipping grid of
-  ``LCMScheduler`` (``original_inference_steps`` points, ``k = T / original_inference_steps`` apart). For x_t on
-  the grid the teacher takes one DDIM step to t - k; the student's consistency function
-  f(x, t) = c_skip(t) x + c_out(t) x0(x, t) at (x_t, t) regresses the EMA student's at (x_{t-k}, t - k).
-  c_skip, c_out and the grid are the runtime ``LCMScheduler``'s own, which samples the student in 1 to
-  ``original_inference_steps`` steps.
-- ``"progressive"`` -- progressive distillation (Salimans & Ho 2022): rounds that halve the step count, from
-  ``target_steps * 2**rounds`` DDIM steps down to ``target_steps``; in each round the student matches two DDIM
-  steps of its teacher (the original teacher, then the previous round's student) with one. Sampled by DDIM
-  (``timestep_spacing="trailing"``) at ``target_steps``.
+- ``"progressive"`` (the default) -- progressive distillation (Salimans & Ho 2022): rounds that halve the step
+  count, from ``target_steps * 2**rounds`` DDIM steps down to ``target_steps``; in each round a v-prediction
+  student matches two DDIM steps of its teacher (the original teacher, then the previous round's student) with
+  one, and each round has its own warmup and cosine learning-rate schedule. Sampled by DDIM
+  (``timestep_spacing="trailing"``, whose grids nest when halving) at ``target_steps``: its bundle samples in
+  ``target_steps`` evaluations by default; other step counts are off the trained grid.
+- ``"consistency"`` -- latent-consistency-model style consistency distillation (Song et al. 2023; Luo et al.
+  2023). Timesteps live on the skipping grid of ``LCMScheduler`` (``original_inference_steps`` points,
+  ``k = T / original_inference_steps`` apart). For x_t on the grid the teacher takes one DDIM step to t - k; the
+  student's consistency function f(x, t) = c_skip(t) x + c_out(t) x0(x, t) at (x_t, t) regresses the EMA
+  student's at (x_{t-k}, t - k). c_skip, c_out and the grid are the runtime ``LCMScheduler``'s own, which samples
+  the one student in any number of steps from 1 to ``original_inference_steps``. The student predicts x0.
 
 Class-conditional teachers give class-conditional students: labels are drawn with the teacher's label dropout,
 so the null label is distilled too and classifier-free guidance works on the student as on the teacher.
@@ -43,10 +43,13 @@ from .unet import UNet
 __all__ = ["DEFAULT_METHOD", "METHODS", "Distiller", "ddim_step", "distill", "progressive_v_target", "x0_and_eps"]
 
 METHODS = ("consistency", "progressive")
-DEFAULT_METHOD = "consistency"
-STUDENT_PREDICTION_TYPE = "v_prediction"
+DEFAULT_METHOD = "progressive"
+#: what the student predicts, per method (measured on digits: docs/benchmarks.md#distillation). Progressive: v, whose
+#: x0 = sqrt(abar) x - sqrt(1 - abar) v stays well conditioned where epsilon's does not; consistency: x0 itself (the
+#: consistency function is an x0 estimate; a v student leaks noise into it at mid noise levels)
+STUDENT_PREDICTION_TYPES = {"progressive": "v_prediction", "consistency": "sample"}
 #: optimizer steps in total when ``steps`` is not given (the default digits run distils in ~6 min on 2 cores)
-DEFAULT_STEPS = {"consistency": 2000, "progressive": 2400}
+DEFAULT_STEPS = {"consistency": 2000, "progressive": 3000}
 #: per-method optimizer settings (the teacher's others carry over)
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "consistency": {"lr": 5e-4, "warmup_steps": 50, "ema_decay": 0.95, "min_lr_ratio": 0.1},
@@ -157,7 +160,7 @@ class Distiller(Trainer):
             tcfg,
             **METHOD_SETTINGS[method],
             steps=steps or DEFAULT_STEPS[method],
-            prediction_type=STUDENT_PREDICTION_TYPE,
+            prediction_type=STUDENT_PREDICTION_TYPES[method],
             sample_steps=target_steps,
             sample_every=500,
             save_every=save_every,
@@ -192,7 +195,7 @@ class Distiller(Trainer):
             for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
         }
         base["rescale_betas_zero_snr"] = self.cfg.rescale_betas_zero_snr
-        common = {"prediction_type": STUDENT_PREDICTION_TYPE, "clip_sample": False, "set_alpha_to_one": True}
+        common = {"prediction_type": self.cfg.prediction_type, "clip_sample": False, "set_alpha_to_one": True}
         if self.method == "consistency":
             return {
                 "_class_name": "LCMScheduler",
@@ -313,7 +316,7 @@ class Distiller(Trainer):
         """f(x, t) = c_skip(t) x + c_out(t) x0 for the student's output ``out`` at (x, t): exactly what
         ``LCMScheduler.step`` returns as ``denoised`` for that model output."""
         a, s = self._ab(t)
-        x0 = x0_and_eps(out, x, a, s, STUDENT_PREDICTION_TYPE)[0]
+        x0 = x0_and_eps(out, x, a, s, self.cfg.prediction_type)[0]
         return self.c_skip[t][:, None, None, None] * x + self.c_out[t][:, None, None, None] * x0
 
     def _consistency(self, model, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
@@ -335,7 +338,7 @@ class Distiller(Trainer):
         a, s = self._ab(t)
         x_t = a * x0 + s * noise
         teacher, pt = (
-            (self.teacher, self.teacher_prediction_type) if r == 0 else (self.round_teacher, STUDENT_PREDICTION_TYPE)
+            (self.teacher, self.teacher_prediction_type) if r == 0 else (self.round_teacher, self.cfg.prediction_type)
         )
         with torch.no_grad():
             x_mid = self._teacher_step(teacher, pt, x_t, t, t_mid, labels)
@@ -364,7 +367,7 @@ def distill(
     """Distil the run in ``teacher_dir`` into a few-step student run in ``out_dir``; return the final metrics
     (``step``, ``seconds``, ``interrupted``, ``final_loss``, ``method``, ``default_inference_steps``).
 
-    ``method``: ``"consistency"`` (default) or ``"progressive"``; ``steps``: optimizer steps in total (default
+    ``method``: ``"progressive"`` (default) or ``"consistency"``; ``steps``: optimizer steps in total (default
     :data:`DEFAULT_STEPS`); ``target_steps``: the student's default number of model evaluations; ``resume``
     continues the run in ``out_dir`` (refused for another teacher, method or target); ``save_every``: checkpoint
     interval in optimizer steps (0: only at the end). See ``deploy-diff distill``.

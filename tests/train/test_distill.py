@@ -39,8 +39,8 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def consistency_bundle(teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("cd")
-    result = distill(teacher, root / "run", steps=4, progress=False)
-    export_bundle(load_run_source(root / "run"), root / "bundle", log=None)
+    result = distill(teacher, root / "run", method="consistency", steps=4, progress=False)
+    export_bundle(load_run_source(root / "run"), root / "bundle", validation_batches=(1,), optimize=False, log=None)
     return root, result
 
 
@@ -75,7 +75,7 @@ def test_progressive_target_is_the_v_whose_runtime_ddim_step_lands_on_two_teache
 
 def test_consistency_function_is_the_lcm_schedulers_denoised_output(consistency_bundle, teacher, tmp_path):
     root, _ = consistency_bundle
-    d = Distiller(teacher, tmp_path / "x", steps=1, progress=False)
+    d = Distiller(teacher, tmp_path / "x", method="consistency", steps=1, progress=False)
     lcm = load_scheduler(json.loads((root / "run" / "scheduler_config.json").read_text()))
     lcm.set_timesteps(4)
     rng = np.random.default_rng(1)
@@ -102,7 +102,7 @@ def test_student_run_exports_and_samples_in_its_own_few_steps(consistency_bundle
     import diffusers
 
     sched = diffusers.LCMScheduler.from_pretrained(run)  # diffusers reads the student's sampler as is
-    assert sched.config.prediction_type == "v_prediction"
+    assert sched.config.prediction_type == "sample"  # the consistency student predicts x0
     manifest = json.loads((bundle / "deploy_diff.json").read_text())
     assert manifest["model"]["default_inference_steps"] == 4 and manifest["model"]["max_inference_steps"] == 50
 
@@ -141,9 +141,9 @@ def test_progressive_straight_run_equals_resume_across_a_round(teacher, tmp_path
 
 
 def test_consistency_straight_run_equals_half_resume_half(teacher, tmp_path):
-    straight = Distiller(teacher, tmp_path / "a", steps=4, progress=False)
+    straight = Distiller(teacher, tmp_path / "a", method="consistency", steps=4, progress=False)
     straight.train()
-    distill(teacher, tmp_path / "b", steps=2, progress=False)
+    distill(teacher, tmp_path / "b", method="consistency", steps=2, progress=False)
     resumed = Distiller(teacher, tmp_path / "b", steps=4, resume=True, progress=False)
     resumed.train()
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in straight.metrics]
@@ -179,10 +179,13 @@ def test_resume_with_another_teacher_method_or_target_is_refused(teacher, consis
 
 def test_class_conditional_student_keeps_labels_and_guidance(tmp_path):
     teacher = _teacher(tmp_path / "t", num_classes=10)
-    distill(teacher, tmp_path / "s", steps=2, progress=False)
-    export_bundle(load_run_source(tmp_path / "s"), tmp_path / "b", log=None)
+    result = distill(teacher, tmp_path / "s", steps=4, progress=False)  # the default method: progressive
+    assert result["method"] == "progressive" and result["default_inference_steps"] == 4
+    export_bundle(load_run_source(tmp_path / "s"), tmp_path / "b", validation_batches=(1,), optimize=False, log=None)
     pipe = Pipeline.from_bundle(tmp_path / "b")
     assert pipe.model.num_classes == 10 and pipe.model.null_class_label == 10
+    assert pipe.model.default_inference_steps == 4 and pipe.model.max_inference_steps is None
+    assert pipe.inference_steps() == 4 and pipe.inference_steps(100) == 100  # DDIM takes any step count
     plain = pipe(num_images=2, seed=0, class_labels=[3, 7])
     guided = pipe(num_images=2, seed=0, class_labels=[3, 7], guidance_scale=2.0)
     assert plain.shape == guided.shape == (2, 8, 8, 1) and not np.array_equal(plain, guided)
