@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc, pndm, lcm (default: the bundle's "
         "own)",
     )
-    p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
+    p.add_argument("--steps", type=int, help="inference steps (default: the bundle's default_inference_steps, else 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (models with a null label)")
     p.add_argument(
         "--classes",

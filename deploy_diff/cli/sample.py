@@ -33,6 +33,7 @@ FLAG_WORDS = (
     (r"\bnegative_prompt\b", "--negative-prompt"),
     (r"^(height|width) must be", r"--\1 must be"),
     (r"\bguidance_scale must be", "--guidance must be"),
+    (r"\bnum_inference_steps=", "--steps "),
 )
 PIXEL_DEFAULT_IMAGES = 16  # -n for a pixel-space bundle (a grid); a text-to-image bundle makes 1 per prompt
 TEXT_FLAGS = ("prompt", "negative_prompt", "height", "width")  # text-to-image bundles only
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="text-to-image bundles: image width in pixels (default: the model's)")
     p.add_argument(
         "--scheduler",
-        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc, lcm (default: the bundle's own)",
+        help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, euler, euler_a, heun, unipc, pndm, lcm (default: the bundle's)",
     )
     p.add_argument("--steps", type=int, help="inference steps (default: the bundle's default_inference_steps, else 50)")
     p.add_argument(

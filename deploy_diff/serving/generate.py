@@ -168,8 +168,11 @@ def _settings(
     if scheduler is not None and not isinstance(scheduler, str):
         raise TypeError(f"scheduler must be a scheduler name or None; got {type(scheduler).__name__}")
     # the scheduler rules (name, prediction type) are the Pipeline's own; no model is loaded for them
-    sched = Pipeline(None, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle).make_scheduler()
-    steps = check_num_inference_steps(num_inference_steps, sched.config.get("num_train_timesteps"))
+    pipe = Pipeline(None, bundle.model, bundle.scheduler_config(), scheduler=scheduler, bundle=bundle)
+    sched = pipe.make_scheduler()
+    # None: the bundle's default_inference_steps (a distilled model's), else 50; its sampler's maximum applies
+    steps = pipe.inference_steps(num_inference_steps)
+    steps = check_num_inference_steps(steps, sched.config.get("num_train_timesteps"))
     sched.set_timesteps(steps)  # the scheduler's own rule for the step count, before any worker starts
     m = bundle.model
     null = m.null_class_label if m.conditional else None
@@ -463,7 +466,7 @@ def generate(
     shard_size: int = 1000,
     workers: int | None = None,
     scheduler: str | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     classes: str | Sequence[int] | None = None,
     num_threads: int = 1,
@@ -475,7 +478,8 @@ def generate(
 
     ``seed_base``: image i uses seed ``seed_base + i``. ``shard_size``: images per ``.npz`` file. ``workers``:
     Ray actors, each with ``num_threads`` CPU threads (default: as many as the Ray cluster's CPUs allow).
-    ``scheduler``: a scheduler name (None: the bundle's own). ``classes`` (conditional bundles): ``"balanced"``
+    ``scheduler``: a scheduler name (None: the bundle's own). ``num_inference_steps``: None takes the bundle's
+    ``default_inference_steps`` (else 50). ``classes`` (conditional bundles): ``"balanced"``
     (the default: label ``i % num_classes``) or a list of labels (image i gets ``classes[i % len(classes)]``).
     ``address``: a Ray cluster to join (None: a local Ray, unless Ray is already initialised in this process,
     which is then used and left running). ``log``: where notes on the folder go (None: nowhere).

@@ -38,6 +38,7 @@ from ..runtime.arguments import (
     is_real,
 )
 from ..runtime.bundle import ModelInfo
+from ..runtime.pipeline import Pipeline
 from ..runtime.schedulers import SCHEDULER_CLASSES, SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
 __all__ = [
@@ -59,7 +60,7 @@ FIELDS: dict[str, Any] = {
     "num_images": 1,
     "seed": 0,
     "seeds": None,
-    "num_inference_steps": 50,
+    "num_inference_steps": None,  # None: the bundle's default_inference_steps (a distilled model's), else 50
     "scheduler": None,
     "guidance_scale": None,
     "class_labels": None,
@@ -268,7 +269,11 @@ class RequestParser:
                 )  # fmt: skip
             scheduler = scheduler.lower()
         sched = self._make_scheduler(scheduler)
-        steps = get("num_inference_steps")
+        # the bundle's own step count when none is given, and its sampler's maximum: the Pipeline's rule
+        steps = _checked(
+            422, "num_inference_steps", Pipeline(None, m, self.scheduler_config, scheduler).inference_steps,
+            get("num_inference_steps"),
+        )  # fmt: skip
         if is_int(steps) and steps > limits.max_steps:
             raise RequestError(
                 413,

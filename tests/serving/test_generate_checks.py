@@ -5,7 +5,6 @@ driver's. No Ray instance is started here."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -93,7 +92,7 @@ def test_classes_that_are_not_labels_are_an_argument_error(diffusers_bundle, tmp
     assert "expected balanced or a comma list of labels like 0,3,7; got 'sevens'" in capsys.readouterr().err
 
 
-def test_unusable_out_folders_and_bundles_are_refused(diffusers_bundle, tmp_path, capsys):
+def test_unusable_out_folders_and_bundles_are_refused(diffusers_bundle, sd_bundle, tmp_path, capsys):
     base = [str(diffusers_bundle), "--num-images", "10", "--out"]
     file = tmp_path / "file.npz"
     file.write_bytes(b"x")
@@ -111,14 +110,10 @@ def test_unusable_out_folders_and_bundles_are_refused(diffusers_bundle, tmp_path
     assert "is not a generate manifest (format 'deploy-diff/generated' expected)" in _one_error_line(capsys)
     assert sorted(p.name for p in busy.iterdir()) == [MANIFEST, "notes.txt"]
 
-    text2image = tmp_path / "t2i"  # a bundle of another kind (its manifest says so) is refused by kind
-    shutil.copytree(diffusers_bundle, text2image)
-    meta = json.loads((text2image / "deploy_diff.json").read_text())
-    (text2image / "deploy_diff.json").write_text(json.dumps(dict(meta, pipeline="text-to-image")))
-    out = tmp_path / "out"
-    assert cli([str(text2image), *base[1:], str(out)]) == 1
+    out = tmp_path / "out"  # a bundle of another kind (a text-to-image bundle) is refused by kind
+    assert cli([str(sd_bundle), *base[1:], str(out)]) == 1
     line = _one_error_line(capsys)
-    assert "ValueError: bundle" in line and "holds a 'text-to-image' pipeline; only pixel-space UNet bundles" in line
+    assert "ValueError: bundle" in line and "holds a 'text-to-image'" in line and "pixel-space UNet bundles" in line
     assert cli([str(tmp_path / "nothing"), *base[1:], str(out)]) == 1
     assert "BundleError: no bundle at" in _one_error_line(capsys)
     assert not out.exists() and not _ray_started()

@@ -58,6 +58,19 @@ def test_defaults_are_the_documented_body(cond):
     assert cond.parse(json.dumps(FIELDS).encode()) == r  # the body the API documents, spelled out
 
 
+def test_a_distilled_bundles_own_step_count_is_the_default_and_its_maximum_holds(cond_run_bundle):
+    """A few-step bundle (manifest default_inference_steps / max_inference_steps) is served with its own default,
+    and more than its sampler's maximum is a 422 naming it, unless another scheduler is asked for."""
+    b = load_bundle(cond_run_bundle)
+    model = dataclasses.replace(b.model, default_inference_steps=4, max_inference_steps=40)
+    parser = RequestParser(model, b.scheduler_config(), Limits(max_images=8, max_steps=100))
+    assert parser.parse(b"{}").num_inference_steps == 4
+    assert parser.parse(b'{"num_inference_steps": 40}').num_inference_steps == 40
+    e = refused(parser, {"num_inference_steps": 41})
+    assert e.status == 422 and e.field == "num_inference_steps" and "max_inference_steps=40" in e.message
+    assert parser.parse(b'{"num_inference_steps": 41, "scheduler": "ddim"}').num_inference_steps == 41
+
+
 def test_seeds_are_per_image(cond):
     r = cond.parse(json.dumps({"num_images": 3, "seed": 7, "class_labels": [1, 2, 3]}).encode())
     assert r.seeds == (7, 8, 9) and r.class_labels == (1, 2, 3)
