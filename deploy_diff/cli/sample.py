@@ -34,6 +34,7 @@ FLAG_WORDS = (
     (r"^(height|width) must be", r"--\1 must be"),
     (r"\bguidance_scale must be", "--guidance must be"),
     (r"\bnum_inference_steps=", "--steps "),
+    (r"\bnum_inference_steps\b", "--steps"),
 )
 PIXEL_DEFAULT_IMAGES = 16  # -n for a pixel-space bundle (a grid); a text-to-image bundle makes 1 per prompt
 TEXT_FLAGS = ("prompt", "negative_prompt", "height", "width")  # text-to-image bundles only
