@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -89,6 +90,15 @@ def cli_env() -> dict[str, str]:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
+def terminal_signals() -> None:
+    """``preexec_fn`` giving a child the signal state a terminal gives a command: SIGINT and SIGTERM unblocked and
+    at their default disposition. In the whole suite (not in tests/serving alone) children were seen to start with
+    Ctrl-C undeliverable (inherited from the pytest process; the cause was not found), which no user's terminal does."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_cli(*args: str) -> subprocess.Popen:
     """``deploy-diff serve ARGS`` in a subprocess (its own process group), stdout and stderr piped."""
     return subprocess.Popen(
@@ -99,6 +109,7 @@ def start_cli(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=terminal_signals,
     )
 
 

@@ -26,6 +26,7 @@ from _generate_helpers import (
     reference,
     shard_hashes,
 )
+from _serving import terminal_signals
 
 from deploy_diff.serving.generate import FORMAT, MANIFEST, generate, shard_name
 
@@ -200,6 +201,7 @@ def test_an_interrupted_driver_leaves_a_valid_folder_and_a_rerun_computes_only_t
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"),
+        preexec_fn=terminal_signals,
     )
     try:
         deadline = time.monotonic() + 60
