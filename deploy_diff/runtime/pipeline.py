@@ -36,6 +36,7 @@ __all__ = [
     "check_backend",
     "check_scheduler",
     "graph_for",
+    "inference_steps",
     "select_backend",
     "select_backend_for",
     "seed_generators",
@@ -189,6 +190,26 @@ def _check_runner_matches(runner: Any, bundle: Bundle) -> None:
                 f"{bundle.path}: the graph takes samples [B, {', '.join(map(str, shape))}] but the "
                 f"manifest says [B, {', '.join(map(str, want))}]"
             )
+
+
+def inference_steps(num_inference_steps: Any, model: ModelInfo, own_scheduler: bool = True) -> Any:
+    """The step count a call samples with: ``num_inference_steps``, or the model's ``default_inference_steps`` when
+    None (50 for bundles that record none). With the bundle's own scheduler (``own_scheduler``), a count above the
+    model's ``max_inference_steps`` is a ``ValueError`` naming that maximum. Other values pass through unchanged for
+    the step-count check of the caller."""
+    if num_inference_steps is None:
+        return model.default_inference_steps or DEFAULT_INFERENCE_STEPS
+    if (
+        own_scheduler
+        and model.max_inference_steps is not None
+        and is_int(num_inference_steps)
+        and num_inference_steps > model.max_inference_steps
+    ):
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} is more than this model's sampler takes: "
+            f"max_inference_steps={model.max_inference_steps} (its default is {model.default_inference_steps})"
+        )
+    return num_inference_steps
 
 
 class Pipeline:
@@ -352,23 +373,8 @@ class Pipeline:
         return to_images(x, output_type)
 
     def inference_steps(self, num_inference_steps: int | None = None) -> int:
-        """The step count a call samples with: ``num_inference_steps``, or the bundle's ``default_inference_steps``
-        when None (50 for bundles that record none). With the bundle's own scheduler, a count above the bundle's
-        ``max_inference_steps`` is a ``ValueError`` naming that maximum."""
-        m = self.model
-        if num_inference_steps is None:
-            return m.default_inference_steps or DEFAULT_INFERENCE_STEPS
-        if (
-            self.scheduler is None
-            and m.max_inference_steps is not None
-            and is_int(num_inference_steps)
-            and num_inference_steps > m.max_inference_steps
-        ):
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} is more than this model's sampler takes: "
-                f"max_inference_steps={m.max_inference_steps} (its default is {m.default_inference_steps})"
-            )
-        return num_inference_steps
+        """The step count a call samples with (:func:`inference_steps` for this pipeline's model and scheduler)."""
+        return inference_steps(num_inference_steps, self.model, own_scheduler=self.scheduler is None)
 
     def __repr__(self) -> str:
         where = f" from {self.bundle.path}" if self.bundle is not None else ""

@@ -38,7 +38,7 @@ from ..runtime.arguments import (
     is_real,
 )
 from ..runtime.bundle import ModelInfo
-from ..runtime.pipeline import Pipeline
+from ..runtime.pipeline import inference_steps
 from ..runtime.schedulers import SCHEDULER_CLASSES, SCHEDULER_NAMES, load_scheduler, scheduler_from_name
 
 __all__ = [
@@ -270,10 +270,7 @@ class RequestParser:
             scheduler = scheduler.lower()
         sched = self._make_scheduler(scheduler)
         # the bundle's own step count when none is given, and its sampler's maximum: the Pipeline's rule
-        steps = _checked(
-            422, "num_inference_steps", Pipeline(None, m, self.scheduler_config, scheduler).inference_steps,
-            get("num_inference_steps"),
-        )  # fmt: skip
+        steps = _checked(422, "num_inference_steps", inference_steps, get("num_inference_steps"), m, scheduler is None)
         if is_int(steps) and steps > limits.max_steps:
             raise RequestError(
                 413,
