@@ -145,6 +145,18 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def machine_info(ov: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``machine`` entry of a benchmark's results: CPU, OpenVINO (``ov``: :func:`openvino_info`), versions,
+    platform and the load average at the start."""
+    return {
+        "cpu": cpu_info(),
+        "openvino": ov,
+        "versions": versions(),
+        "platform": platform.platform(),
+        "load_start": loadavg(),
+    }
+
+
 def loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -673,13 +685,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "script": "benchmarks/precision_speed.py",
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_info(),
-            "openvino": ov,
-            "versions": versions(),
-            "platform": platform.platform(),
-            "load_start": loadavg(),
-        },
+        "machine": machine_info(ov),
         "settings": {
             "models": models,
             "batches": batches,

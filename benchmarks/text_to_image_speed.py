@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from precision_speed import cpu_info, loadavg, openvino_info, versions  # benchmarks/ is sys.path[0]
+from precision_speed import loadavg, machine_info, openvino_info  # benchmarks/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _sd import SD_CONFIGS, load_diffusers_sd, make_sd_folder  # noqa: E402  (the tests' pipeline sizes)
@@ -363,13 +362,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "script": "benchmarks/text_to_image_speed.py",
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_info(),
-            "openvino": ov,
-            "versions": versions(),
-            "platform": platform.platform(),
-            "load_start": loadavg(),
-        },
+        "machine": machine_info(ov),
         "settings": {
             "configs": configs,
             "threads": args.threads,
